@@ -1,0 +1,122 @@
+"""Benchmark figures: percentiles, a peak-RSS sampler, one result row per phase, and the comparison table."""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import psutil
+
+_MIB = 1 << 20
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between ranks, as numpy's default; NaN if empty."""
+    if not values:
+        return math.nan
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in [0, 100], got {q}")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+class PeakRSS:
+    """Samples this process's resident set size every `interval_s` while the block runs; keeps the peak.
+
+    Use one per phase: `with PeakRSS() as mem: ...`, then `mem.peak_bytes` (absolute) and `mem.delta_bytes`
+    (peak minus the RSS on entry). NOTE: a sampler, not a hook on the allocator: a spike shorter than the
+    interval can be missed, which is why the interval is short and the phases are seconds long.
+    """
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s = interval_s
+        self.start_bytes = 0  # RSS when the block was entered
+        self.peak_bytes = 0  # highest RSS seen, including the samples on entry and exit
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def delta_bytes(self) -> int:
+        return self.peak_bytes - self.start_bytes
+
+    def _sample(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> PeakRSS:
+        self.start_bytes = self.peak_bytes = self._process.memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+@dataclass(slots=True)
+class PhaseResult:
+    """One phase's figures, computed from per-request timings measured in that phase."""
+
+    name: str  # what ran, e.g. "frugal" or "transformers (batch 16)"
+    num_requests: int  # requests completed
+    num_prompt_tokens: int  # prompt tokens over all requests
+    num_output_tokens: int  # useful output tokens (each request's target length, never padding)
+    duration_s: float  # wall time from the first arrival to the last completion
+    ttft_s: list[float]  # per request: time to first token, from its arrival
+    tpot_s: list[float]  # per request: mean time per output token after the first
+    peak_rss_bytes: int = 0  # highest process RSS during the phase
+    peak_rss_delta_bytes: int = 0  # that peak minus the RSS when the phase started
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.num_output_tokens / self.duration_s
+
+    @property
+    def total_tok_s(self) -> float:
+        return (self.num_prompt_tokens + self.num_output_tokens) / self.duration_s
+
+    def figures(self) -> dict[str, float]:
+        """The table rows, in order: label -> value. Memory is in MiB, times in milliseconds."""
+        return {
+            "requests": self.num_requests,
+            "duration (s)": self.duration_s,
+            "output tok/s": self.output_tok_s,
+            "total tok/s": self.total_tok_s,
+            "TTFT p50 (ms)": 1e3 * percentile(self.ttft_s, 50),
+            "TTFT p95 (ms)": 1e3 * percentile(self.ttft_s, 95),
+            "TPOT p50 (ms)": 1e3 * percentile(self.tpot_s, 50),
+            "TPOT p95 (ms)": 1e3 * percentile(self.tpot_s, 95),
+            "peak RSS (MiB)": self.peak_rss_bytes / _MIB,
+            "peak RSS delta (MiB)": self.peak_rss_delta_bytes / _MIB,
+        }
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "-"
+    return f"{value:,.1f}" if abs(value) < 1e4 else f"{value:,.0f}"
+
+
+def format_comparison(title: str, result: PhaseResult, baseline: PhaseResult) -> str:
+    """A table of `result` beside `baseline`, one figure a row, with the ratio result / baseline."""
+    rows = [(label, result_value, baseline.figures()[label]) for label, result_value in result.figures().items()]
+    width = max(len(label) for label, *_ in rows)
+    col = max(14, len(result.name), len(baseline.name))
+    lines = [title, f"{'':<{width}}  {result.name:>{col}}  {baseline.name:>{col}}  {'ratio':>7}"]
+    for label, value, base in rows:
+        ratio = value / base if base and not math.isnan(base) and not math.isnan(value) else math.nan
+        ratio_text = "-" if math.isnan(ratio) else f"{ratio:.2f}x"
+        lines.append(f"{label:<{width}}  {_fmt(value):>{col}}  {_fmt(base):>{col}}  {ratio_text:>7}")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Attention over a paged KV cache, in plain torch (the CPU path; also correct on CUDA).
+
+Cache layout, per layer: k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]. Token at position
+p of a sequence lives in slot block_table[p // block_size] * block_size + p % block_size.
+
+A step's flat batch holds decode tokens first (one query token per sequence) and then prefill chunks. Decodes
+run as one batched call over their gathered blocks; the query heads that share a KV head are folded into the
+query-length axis, so GQA needs no copy of K/V per query head. Each prefill chunk runs on its own: a fresh
+prompt attends to its own keys with a causal mask (no gather at all); a chunk behind a cached prefix gathers
+its blocks and uses an offset causal mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    token_start: int  # first index of the chunk in the flat batch
+    token_end: int  # one past its last index
+    start_pos: int  # sequence position of its first token (tokens before it are in the cache)
+    block_table: torch.Tensor  # [num_blocks] int64, covering start_pos + (token_end - token_start) tokens
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    positions: torch.Tensor  # [T] int64, sequence position of each token
+    slot_mapping: torch.Tensor  # [T] int64, cache slot each token's K/V is written to
+    logits_indices: torch.Tensor  # [S] int64, flat index of each token whose next token is sampled
+    block_size: int  # tokens per KV block
+    num_decode_tokens: int = 0  # tokens [0, num_decode_tokens) are single-token decodes, one per sequence
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int64, padded with block 0
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool, True = attend
+    prefills: list[PrefillChunk] = field(default_factory=list)  # chunks after the decodes, in batch order
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    # k, v: [T, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, bs, kv, d] x [B, nb] -> [B, kv, nb * bs, d]"""
+    batch, num_blocks = block_tables.shape
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    gathered = cache.index_select(0, block_tables.reshape(-1))
+    return gathered.view(batch, num_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, d]; k, v: [T, kv, d] (this step's keys, already written to the cache). Returns [T, H, d]."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    num_decodes = meta.num_decode_tokens
+    if num_decodes:
+        # [B, H, d] -> [B, kv, group, d]: a KV head's query heads become its "query positions".
+        q_dec = q[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
+        k_ctx = gather_blocks(k_cache, meta.decode_block_tables)
+        v_ctx = gather_blocks(v_cache, meta.decode_block_tables)
+        o = F.scaled_dot_product_attention(q_dec, k_ctx.to(q.dtype), v_ctx.to(q.dtype),
+                                           attn_mask=meta.decode_mask, scale=scale)
+        out[:num_decodes] = o.reshape(num_decodes, num_heads, head_dim)
+    for chunk in meta.prefills:
+        s, e = chunk.token_start, chunk.token_end
+        q_c = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
+        if chunk.start_pos == 0:
+            k_c = k[s:e].transpose(0, 1).unsqueeze(0)
+            v_c = v[s:e].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(q_c, k_c, v_c, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            context_len = chunk.start_pos + (e - s)
+            k_c = gather_blocks(k_cache, chunk.block_table.unsqueeze(0))[:, :, :context_len].to(q.dtype)
+            v_c = gather_blocks(v_cache, chunk.block_table.unsqueeze(0))[:, :, :context_len].to(q.dtype)
+            mask = causal_mask(e - s, chunk.start_pos, context_len, q.device)
+            o = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[s:e] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def causal_mask(num_queries: int, start_pos: int, context_len: int, device) -> torch.Tensor:
+    """[n, L] bool: query i (at position start_pos + i) sees keys 0..start_pos + i."""
+    q_pos = torch.arange(start_pos, start_pos + num_queries, device=device).unsqueeze(1)
+    k_pos = torch.arange(context_len, device=device).unsqueeze(0)
+    return k_pos <= q_pos
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: list[list[int]], start_positions: list[int],
+                        query_lens: list[int], scale: float) -> torch.Tensor:
+    """Naive reference: per sequence, rebuild contiguous K/V token by token from the cache, repeat KV heads,
+    softmax in float64. q: [T, H, d], sequences laid end to end in the order given."""
+    num_heads = q.shape[1]
+    block_size = k_cache.shape[1]
+    outs = []
+    offset = 0
+    for table, start, n in zip(block_tables, start_positions, query_lens):
+        context_len = start + n
+        slots = [table[p // block_size] * block_size + p % block_size for p in range(context_len)]
+        k = k_cache.reshape(-1, *k_cache.shape[2:])[slots].double()  # [L, kv, d]
+        v = v_cache.reshape(-1, *v_cache.shape[2:])[slots].double()
+        group = num_heads // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        qs = q[offset:offset + n].double()  # [n, H, d]
+        scores = torch.einsum("nhd,lhd->hnl", qs, k) * scale
+        mask = causal_mask(n, start, context_len, q.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        outs.append(torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v))
+        offset += n
+    return torch.cat(outs).to(q.dtype)

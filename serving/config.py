@@ -1,0 +1,48 @@
+"""Engine configuration: one slots dataclass that validates itself and names the bad field."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_DEVICES = ("cpu", "cuda")
+
+
+@dataclass(slots=True, kw_only=True)
+class EngineConfig:
+    model: str | None = None  # GGUF file or HF directory; None: the bundled SmolLM2-135M-Instruct
+    dtype: str = "float32"  # compute dtype; fp32 is the fast one on CPUs without bf16 units
+    device: str = "cpu"  # "cpu" or "cuda" (or "cuda:N")
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory_bytes: int = 2 << 30  # memory budget of the paged KV cache; the block pool is sized from it
+    max_num_seqs: int = 64  # most sequences in one step
+    max_num_batched_tokens: int = 512  # token budget of one step
+    max_model_len: int | None = None  # context length; None: the model's own, capped at 8192
+    enable_prefix_caching: bool = True  # reuse KV blocks of shared prefixes
+    enable_chunked_prefill: bool = True  # split long prompts across steps
+    max_waiting: int | None = None  # bounded waiting queue (backpressure); None: unbounded
+    num_threads: int | None = None  # torch intra-op threads; None: the CPUs this process may use
+    tenant_weights: dict[str, float] = field(default_factory=dict)  # fair-share weights per tenant
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.device.split(":")[0] not in _DEVICES:
+            raise ValueError(f"device must be one of {', '.join(_DEVICES)} (optionally cuda:N), got {self.device!r}")
+        for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ValueError(f"num_threads must be a positive integer, got {self.num_threads!r}")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ValueError(f"model must be a path string, got {self.model!r}")
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

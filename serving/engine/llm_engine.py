@@ -1,0 +1,277 @@
+"""The synchronous engine: requests in, one scheduled step at a time, incremental outputs out.
+
+`step()` is the whole loop body: schedule, run the model, update the scheduler, detokenize, check stop
+conditions, finish requests. The offline `LLM` calls it until everything finishes; `AsyncLLM` calls it from its
+own thread. A request that fails validation is refused in `add_request` and never reaches a step; a step that
+raises fails the requests it held and the engine goes on with the rest.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+
+from scheduler import Priority, Request, RequestStatus, Scheduler, SchedulerConfig
+from scheduler.config import num_blocks_from_memory
+from serving.config import EngineConfig, available_cpus
+from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.model_runner import ModelRunner, kv_bytes_per_block
+from serving.engine.outputs import RequestMetrics, RequestOutput
+from serving.engine.sampler import SamplingState, make_sampling_state
+from serving.engine.sampling_params import SamplingParams
+from serving.loaders import LoadedModel, load_model
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One engine step, kept so accelerator time can be attributed to the requests that shared it."""
+
+    step_time_s: float  # wall time of the whole step
+    schedule_time_s: float  # part of it spent in the scheduler
+    num_tokens: int  # tokens computed in the step
+    tokens_per_req: dict[str, int]  # req_id -> tokens it computed in this step
+    tenant_of_req: dict[str, str]  # req_id -> tenant_id
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """Engine-side state of one request, beside the scheduler's Request."""
+
+    request: Request  # the scheduler's view
+    prompt: str | None  # original prompt text, if given as text
+    params: SamplingParams  # sampling parameters
+    sampling: SamplingState  # sampler state (generator, counters)
+    detok: IncrementalDetokenizer  # incremental text and stop strings
+    metrics: RequestMetrics  # timings
+    logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per generated token
+    num_emitted_tokens: int = 0  # tokens already handed out in outputs
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        torch.set_num_threads(config.num_threads or available_cpus())
+        self.device = torch.device(config.device)
+        dtype = getattr(torch, config.dtype)
+        self.loaded = loaded or load_model(config.model, dtype=dtype, device=config.device)
+        self.tokenizer = self.loaded.tokenizer
+        self.args = self.loaded.args
+        self.max_model_len = min(config.max_model_len or min(self.args.max_position_embeddings, 8192),
+                                 self.args.max_position_embeddings)
+        self.eos_token_ids = list(self.args.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in self.eos_token_ids:
+            self.eos_token_ids.append(self.tokenizer.eos_token_id)
+        bytes_per_block = kv_bytes_per_block(self.args, config.block_size, dtype)
+        num_blocks = num_blocks_from_memory(config.kv_cache_memory_bytes, bytes_per_block)
+        pool_tokens = num_blocks * config.block_size
+        if pool_tokens < self.max_model_len:
+            if config.max_model_len is not None:
+                raise ValueError(f"kv_cache_memory_bytes ({config.kv_cache_memory_bytes}) holds {pool_tokens} "
+                                 f"tokens, fewer than max_model_len ({config.max_model_len}); raise the budget "
+                                 "or lower max_model_len")
+            # NOTE: with the model's default context, shrink the context to what one request can hold.
+            logger.warning("KV budget holds %d tokens; context length lowered from %d", pool_tokens,
+                           self.max_model_len)
+            self.max_model_len = pool_tokens
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_blocks=num_blocks,
+            max_model_len=self.max_model_len,
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            max_waiting=config.max_waiting,
+            tenant_weights=dict(config.tenant_weights),
+        ))
+        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, self.device, dtype)
+        self.num_blocks = num_blocks
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = count()
+        self.step_records: deque[StepRecord] = deque(maxlen=10_000)
+        self._totals = {"num_steps": 0, "step_time_s": 0.0, "schedule_time_s": 0.0, "num_tokens": 0}
+        logger.info("engine ready: %s, %d KV blocks of %d tokens (%.0f MiB), context %d", self.loaded.path,
+                    num_blocks, config.block_size, num_blocks * bytes_per_block / 2**20, self.max_model_len)
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        # The tokenizer's default call, special tokens included, so ids match transformers.
+        return list(self.tokenizer(prompt).input_ids)
+
+    def add_request(self, prompt: str | list[int] | dict, params: SamplingParams | None = None,
+                    req_id: str | None = None, priority: Priority | int = Priority.STANDARD,
+                    tenant_id: str = "default", cache_salt: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Validates and queues one request. Raises ValueError naming the bad field; nothing is queued then."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        prompt_text, prompt_ids = self._prompt_ids(prompt)
+        if not prompt_ids:
+            raise ValueError("prompt must not be empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens but the context length is {self.max_model_len} "
+                             "(prompt plus at least one generated token)")
+        vocab = self.args.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        try:
+            priority = Priority(priority)
+        except ValueError:
+            raise ValueError(f"priority must be one of {[p.name.lower() for p in Priority]}, got {priority!r}")
+        req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
+        if req_id in self._tracked:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        now = arrival_time if arrival_time is not None else time.monotonic()
+        request = Request(req_id=req_id, prompt_token_ids=prompt_ids, max_tokens=params.max_tokens,
+                          priority=priority, tenant_id=tenant_id, cache_salt=cache_salt, arrival_time=now)
+        self.scheduler.add_request(request)  # may raise QueueFullError: nothing tracked yet
+        self._tracked[req_id] = _Tracked(
+            request=request, prompt=prompt_text, params=params,
+            sampling=make_sampling_state(params, self.eos_token_ids, self.device),
+            detok=IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
+                                         params.skip_special_tokens),
+            metrics=RequestMetrics(arrival_time=now))
+        return req_id
+
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenize(prompt) if prompt else []
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self._prompt_ids(prompt["prompt"])
+            raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def abort_request(self, req_id: str) -> RequestOutput | None:
+        """Frees the request's blocks at once. Returns its final output, or None for an unknown id."""
+        tracked = self._tracked.get(req_id)
+        if tracked is None:
+            return None
+        self.scheduler.finish_requests([req_id], RequestStatus.FINISHED_ABORTED)
+        return self._finish(tracked, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._tracked)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._tracked)
+
+    # -- the loop body ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled step; returns an output for every request that made progress or finished."""
+        t0 = time.perf_counter()
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return []
+        states = {s.req_id: self._tracked[s.req_id].sampling for s in sched_out.seqs if s.sample}
+        tenants = {s.req_id: self._tracked[s.req_id].request.tenant_id for s in sched_out.seqs}
+        try:
+            runner_out = self.runner.execute(sched_out, states)
+        except Exception as e:  # one bad batch must not take the engine down
+            logger.exception("step failed; aborting the %d requests in it", len(sched_out.seqs))
+            return self._fail_step(sched_out, e)
+        self.scheduler.update_from_output(sched_out, runner_out)
+        now = time.monotonic()
+        outputs = []
+        for seq in sched_out.seqs:
+            tracked = self._tracked[seq.req_id]
+            if tracked.metrics.first_scheduled_time is None:
+                tracked.metrics.first_scheduled_time = now
+                tracked.metrics.num_cached_tokens = max(tracked.request.num_cached_tokens, 0)
+            token = runner_out.sampled_token_ids.get(seq.req_id)
+            if token is None:
+                continue
+            if tracked.metrics.first_token_time is None:
+                tracked.metrics.first_token_time = now
+            if seq.req_id in runner_out.logprobs:
+                tracked.logprobs.append(runner_out.logprobs[seq.req_id])
+            outputs.append(self._process_token(tracked, token))
+        self._record(sched_out, tenants, time.perf_counter() - t0)
+        return outputs
+
+    def _process_token(self, tracked: _Tracked, token: int) -> RequestOutput:
+        request, params = tracked.request, tracked.params
+        tracked.sampling.num_output_tokens = len(request.output_token_ids)
+        stop_hit = tracked.detok.push(token)
+        num_out = len(request.output_token_ids)
+        status = None
+        if stop_hit:
+            status = RequestStatus.FINISHED_STOPPED
+        elif token in tracked.sampling.stop_ids and num_out >= params.min_tokens:
+            status = RequestStatus.FINISHED_STOPPED
+        elif num_out >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is None:
+            return self._make_output(tracked, finished=False)
+        self.scheduler.finish_requests([request.req_id], status)
+        return self._finish(tracked, status, stop_token=token if not stop_hit else None)
+
+    def _finish(self, tracked: _Tracked, status: RequestStatus, stop_token: int | None = None,
+                error: str | None = None) -> RequestOutput:
+        del self._tracked[tracked.request.req_id]
+        tracked.request.status = status
+        tracked.metrics.finish_time = time.monotonic()
+        tracked.metrics.num_preemptions = tracked.request.num_preemptions
+        if tracked.detok.stop_reason is None:
+            tracked.detok.flush()
+        out = self._make_output(tracked, finished=True)
+        out.finish_reason = _FINISH_REASONS[status]
+        out.stop_reason = tracked.detok.stop_reason if tracked.detok.stop_reason is not None else (
+            stop_token if stop_token is not None and stop_token not in self.eos_token_ids else None)
+        out.error = error
+        return out
+
+    def _make_output(self, tracked: _Tracked, finished: bool) -> RequestOutput:
+        request = tracked.request
+        token_ids = list(request.output_token_ids)
+        delta_ids = token_ids[tracked.num_emitted_tokens:]
+        tracked.num_emitted_tokens = len(token_ids)
+        return RequestOutput(
+            req_id=request.req_id, prompt=tracked.prompt, prompt_token_ids=request.prompt_token_ids,
+            text=tracked.detok.text if finished else tracked.detok.text[:tracked.detok.num_emitted_chars],
+            token_ids=token_ids, finished=finished,
+            logprobs=list(tracked.logprobs) if tracked.params.logprobs is not None else None,
+            delta_text=tracked.detok.take_delta(finished), delta_token_ids=delta_ids, metrics=tracked.metrics)
+
+    def _fail_step(self, sched_out, error: Exception) -> list[RequestOutput]:
+        req_ids = [s.req_id for s in sched_out.seqs]
+        self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
+        return [self._finish(self._tracked[r], RequestStatus.FINISHED_ABORTED, error=f"engine error: {error}")
+                for r in req_ids if r in self._tracked]
+
+    # -- accounting -------------------------------------------------------------------------------------
+    def _record(self, sched_out, tenants: dict[str, str], step_time: float) -> None:
+        tokens = {s.req_id: s.num_tokens for s in sched_out.seqs}
+        self.step_records.append(StepRecord(step_time, sched_out.schedule_time_s, sched_out.num_batched_tokens,
+                                            tokens, tenants))
+        self._totals["num_steps"] += 1
+        self._totals["step_time_s"] += step_time
+        self._totals["schedule_time_s"] += sched_out.schedule_time_s
+        self._totals["num_tokens"] += sched_out.num_batched_tokens
+
+    def step_stats(self) -> dict:
+        totals = dict(self._totals)
+        totals["scheduler_fraction"] = totals["schedule_time_s"] / totals["step_time_s"] if totals["step_time_s"] else 0.0
+        return totals
+
+    def reset_step_stats(self) -> None:
+        self.step_records.clear()
+        self._totals = {"num_steps": 0, "step_time_s": 0.0, "schedule_time_s": 0.0, "num_tokens": 0}

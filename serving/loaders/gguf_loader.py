@@ -1,0 +1,139 @@
+"""GGUF checkpoints (llama.cpp's format) read with the `gguf` package.
+
+Weights are dequantized to the compute dtype here. Two details matter for exactness:
+- llama.cpp's converter permutes the rows of Q and K so its RoPE can rotate adjacent pairs; our RoPE (like
+  transformers') rotates the two halves of each head, so the permutation is undone on load.
+- GGUF lists dimensions fastest-first; `gguf.quants.dequantize` already returns torch's [out, in] order.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from serving.models.llama import ModelArgs
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+# llama.cpp's converter permutes Q/K rows only for these; Qwen2 is stored in the neox layout already.
+_PERMUTED_QK_ARCHS = ("llama", "mistral")
+
+# GGUF tensor name (after "blk.N.") -> our parameter name (after "layers.N.")
+_LAYER_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or of an architecture we do not run."""
+
+
+def open_gguf(path: str):
+    import gguf
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises bare ValueError/struct errors on garbage
+        raise CheckpointError(f"{path} is not a valid GGUF file: {e}") from e
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise CheckpointError(f"GGUF metadata key {key!r} is missing")
+        return default
+    return field.contents()
+
+
+def gguf_model_args(reader) -> ModelArgs:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise CheckpointError(f"unsupported architecture {arch!r} in GGUF file; supported: "
+                              f"{', '.join(SUPPORTED_ARCHS)}")
+    num_heads = int(_field(reader, f"{arch}.attention.head_count"))
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
+    tensor_names = {t.name for t in reader.tensors}
+    eos = reader.fields.get("tokenizer.ggml.eos_token_id")
+    bos = reader.fields.get("tokenizer.ggml.bos_token_id")
+    return ModelArgs(
+        arch=arch,
+        vocab_size=int(_field(reader, f"{arch}.vocab_size", vocab or 0)),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+        num_layers=int(_field(reader, f"{arch}.block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", num_heads)),
+        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // num_heads)),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        bos_token_id=int(bos.contents()) if bos is not None else None,
+        eos_token_ids=[int(eos.contents())] if eos is not None else [],
+    )
+
+
+def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaving of each head's rotary halves (rows of Q/K weights and biases)."""
+    # The converter viewed each head's rows as [2, half] and stored them as [half, 2]; view as [half, 2], swap back.
+    half = weight.shape[0] // num_heads // 2
+    return weight.reshape(num_heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _dequantize(tensor) -> torch.Tensor:
+    import gguf
+
+    array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    # F32 tensors come back as read-only views of the mmap; copy so the model owns its weights.
+    return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+
+
+def load_gguf_state_dict(reader, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Returns our parameter names -> float32 tensors, with QKV and gate/up fused."""
+    raw = {}
+    for tensor in reader.tensors:
+        try:
+            raw[tensor.name] = _dequantize(tensor)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {tensor.name} ({tensor.tensor_type.name}): {e}") from e
+    state = {"embed_tokens.weight": _take(raw, "token_embd.weight"), "norm.weight": _take(raw, "output_norm.weight")}
+    if not args.tie_word_embeddings:
+        state["lm_head.weight"] = _take(raw, "output.weight")
+    permuted = args.arch in _PERMUTED_QK_ARCHS
+
+    def qk(name: str, num_heads: int) -> torch.Tensor:
+        tensor = _take(raw, name)
+        return unpermute_qk(tensor, num_heads) if permuted else tensor
+
+    for i in range(args.num_layers):
+        p = f"blk.{i}."
+        q = qk(p + "attn_q.weight", args.num_heads)
+        k = qk(p + "attn_k.weight", args.num_kv_heads)
+        v = _take(raw, p + "attn_v.weight")
+        state[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat([q, k, v])
+        if args.attention_bias:
+            qb = qk(p + "attn_q.bias", args.num_heads)
+            kb = qk(p + "attn_k.bias", args.num_kv_heads)
+            state[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat([qb, kb, _take(raw, p + "attn_v.bias")])
+        gate, up = _take(raw, p + "ffn_gate.weight"), _take(raw, p + "ffn_up.weight")
+        state[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat([gate, up])
+        for src, dst in _LAYER_TENSORS.items():
+            state[f"layers.{i}.{dst}"] = _take(raw, p + src)
+    return state
+
+
+def _take(raw: dict, name: str) -> torch.Tensor:
+    if name not in raw:
+        raise CheckpointError(f"GGUF file lacks tensor {name!r}")
+    return raw.pop(name)

@@ -1,0 +1,40 @@
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def loaded_model():
+    """The bundled SmolLM2-135M-Instruct, loaded once for the whole session (fp32, CPU)."""
+    from serving.loaders import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def hf_model(loaded_model):
+    """transformers' own implementation of the same GGUF weights: the reference for greedy outputs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = loaded_model.path
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture
+def make_llm(loaded_model):
+    """Builds an LLM on the shared weights with a small KV cache; keyword arguments are EngineConfig fields."""
+    from serving import LLM
+
+    def make(**kwargs):
+        kwargs.setdefault("kv_cache_memory_bytes", 96 << 20)
+        kwargs.setdefault("max_model_len", 1024)
+        return LLM(loaded=loaded_model, **kwargs)
+
+    return make
