@@ -5,7 +5,8 @@ p of a sequence lives in slot block_table[p // block_size] * block_size + p % bl
 
 A step's flat batch holds decode tokens first (one query token per sequence) and then prefill chunks. Decodes
 run as one batched call over their gathered blocks; the query heads that share a KV head are folded into the
-query-length axis, so GQA needs no copy of K/V per query head. Each prefill chunk runs on its own: a fresh
+query-length axis, so GQA needs no copy of K/V per query head. On the CPU the decodes instead go through a
+compiled kernel (kernels/csrc/paged_attention_cpu.cpp) that reads K/V in place, without the gather copy. Each prefill chunk runs on its own: a fresh
 prompt attends to its own keys with a causal mask (no gather at all); a chunk behind a cached prefix gathers
 its blocks and uses an offset causal mask.
 """
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from kernels.cpu_ops import cpu_kernels
 
 
 @dataclass(slots=True)
@@ -33,7 +36,8 @@ class AttentionMetadata:
     block_size: int  # tokens per KV block
     num_decode_tokens: int = 0  # tokens [0, num_decode_tokens) are single-token decodes, one per sequence
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int64, padded with block 0
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool, True = attend
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] int64, tokens each decode attends to
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool; torch path only
     prefills: list[PrefillChunk] = field(default_factory=list)  # chunks after the decodes, in batch order
 
 
@@ -60,7 +64,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     num_decodes = meta.num_decode_tokens
-    if num_decodes:
+    if num_decodes and _use_cpu_kernel(q, k_cache):
+        out[:num_decodes] = cpu_kernels().paged_decode_attention(
+            q[:num_decodes], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+    elif num_decodes:
+        if meta.decode_mask is None:
+            key_pos = torch.arange(meta.decode_block_tables.shape[1] * meta.block_size, device=q.device)
+            meta.decode_mask = (key_pos < meta.decode_context_lens.unsqueeze(1)).view(num_decodes, 1, 1, -1)
         # [B, H, d] -> [B, kv, group, d]: a KV head's query heads become its "query positions".
         q_dec = q[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
         k_ctx = gather_blocks(k_cache, meta.decode_block_tables)
@@ -83,6 +93,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             o = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask, scale=scale, enable_gqa=True)
         out[s:e] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _use_cpu_kernel(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
+            and cpu_kernels() is not None)
 
 
 def causal_mask(num_queries: int, start_pos: int, context_len: int, device) -> torch.Tensor:

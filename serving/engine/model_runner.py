@@ -71,9 +71,7 @@ class ModelRunner:
             max_blocks = (max(context_lens) + bs - 1) // bs
             tables = [s.block_ids[:max_blocks] + [0] * (max_blocks - len(s.block_ids[:max_blocks])) for s in decodes]
             meta.decode_block_tables = torch.tensor(tables, dtype=torch.int64, device=dev)
-            lens = torch.tensor(context_lens, dtype=torch.int64, device=dev)
-            key_pos = torch.arange(max_blocks * bs, device=dev)
-            meta.decode_mask = (key_pos.unsqueeze(0) < lens.unsqueeze(1)).view(len(decodes), 1, 1, -1)
+            meta.decode_context_lens = torch.tensor(context_lens, dtype=torch.int64, device=dev)
         offset = len(decodes)
         for seq in prefills:
             end = offset + seq.num_tokens

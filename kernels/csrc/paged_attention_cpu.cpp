@@ -1,0 +1,110 @@
+// Paged decode attention for the CPU: one query token per sequence, keys and values read in place from the
+// paged cache (no gather copy). Work is split over (sequence, kv head) pairs with ATen's thread pool; the query
+// heads that share a kv head are handled together so each key and value row is loaded once, and one sequence's
+// kv heads run back to back in one task so every cache line of a block is used while it is hot.
+//
+// q:            [B, H, D]          float32, contiguous
+// k_cache:      [NB, BS, KV, D]    float32, contiguous (v_cache alike)
+// block_tables: [B, MAXB]          int64
+// context_lens: [B]                int64, tokens each sequence attends to (its new token included)
+// returns       [B, H, D]          float32
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad ranks");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32 &&
+              v_cache.scalar_type() == torch::kFloat32, "float32 only");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64,
+              "int64 block tables and lengths");
+  q = q.contiguous();
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  block_tables = block_tables.contiguous();
+  context_lens = context_lens.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t BS = k_cache.size(1), KV = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && H % KV == 0, "head shapes do not match");
+  TORCH_CHECK(block_tables.size(0) == B && context_lens.size(0) == B, "batch sizes do not match");
+  const int64_t G = H / KV, MAXB = block_tables.size(1);
+  auto out = torch::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* btp = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  const int64_t row = KV * D;  // floats between consecutive tokens of one block
+
+  at::parallel_for(0, B * KV, KV, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<float> acc(G * D);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / KV, h = idx % KV;
+      const int64_t L = lens[b];
+      TORCH_CHECK(L >= 1 && (L + BS - 1) / BS <= MAXB, "context length does not fit the block table");
+      scores.resize(G * L);
+      const int64_t* table = btp + b * MAXB;
+      const float* qh = qp + (b * H + h * G) * D;
+      // Pass 1: scaled scores for every token, all G query heads at once.
+      for (int64_t t0 = 0; t0 < L; t0 += BS) {
+        const float* kb = kp + table[t0 / BS] * BS * row + h * D;
+        const int64_t n = std::min(BS, L - t0);
+        for (int64_t j = 0; j < n; ++j) {
+          const float* kr = kb + j * row;
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qh + g * D;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < D; ++i) s += qg[i] * kr[i];
+            scores[g * L + t0 + j] = s * fscale;
+          }
+        }
+      }
+      // Pass 2: softmax weights per query head.
+      std::vector<float> inv_sum(G);
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = scores.data() + g * L;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < L; ++t) m = std::max(m, sg[t]);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < L; ++t) {
+          sg[t] = std::exp(sg[t] - m);
+          sum += sg[t];
+        }
+        inv_sum[g] = 1.f / sum;
+      }
+      // Pass 3: weighted sum of values.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = 0; t0 < L; t0 += BS) {
+        const float* vb = vp + table[t0 / BS] * BS * row + h * D;
+        const int64_t n = std::min(BS, L - t0);
+        for (int64_t j = 0; j < n; ++j) {
+          const float* vr = vb + j * row;
+          for (int64_t g = 0; g < G; ++g) {
+            const float w = scores[g * L + t0 + j];
+            float* ag = acc.data() + g * D;
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) ag[i] += w * vr[i];
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* o = op + (b * H + h * G + g) * D;
+        for (int64_t i = 0; i < D; ++i) o[i] = acc[g * D + i] * inv_sum[g];
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
+}

@@ -1,0 +1,88 @@
+"""Paged attention against its naive float64 reference, on odd shapes, both the torch path and the CPU kernel."""
+import pytest
+import torch
+
+from kernels.cpu_ops import cpu_kernels
+from kernels.paged_attention import AttentionMetadata, PrefillChunk, paged_attention, paged_attention_ref, write_kv
+
+
+def _case(seed, num_heads, num_kv_heads, head_dim, block_size, seqs):
+    """seqs: list of (start_pos, num_query_tokens). Returns inputs with a shuffled block pool."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum((s + n + block_size - 1) // block_size for s, n in seqs) + 3
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables, offset = [], 0
+    for s, n in seqs:
+        nb = (s + n + block_size - 1) // block_size
+        tables.append(perm[offset:offset + nb])
+        offset += nb
+    total = sum(n for _, n in seqs)
+    q = torch.randn(total, num_heads, head_dim, generator=g)
+    k = torch.randn(total, num_kv_heads, head_dim, generator=g)
+    v = torch.randn(total, num_kv_heads, head_dim, generator=g)
+    return q, k, v, k_cache, v_cache, tables
+
+
+def _meta(seqs, tables, block_size):
+    positions, slots = [], []
+    for (s, n), table in zip(seqs, tables):
+        for p in range(s, s + n):
+            positions.append(p)
+            slots.append(table[p // block_size] * block_size + p % block_size)
+    decodes = [i for i, (_, n) in enumerate(seqs) if n == 1]
+    assert decodes == list(range(len(decodes))), "decodes first"
+    meta = AttentionMetadata(positions=torch.tensor(positions), slot_mapping=torch.tensor(slots),
+                             logits_indices=torch.tensor([0]), block_size=block_size,
+                             num_decode_tokens=len(decodes))
+    if decodes:
+        lens = [seqs[i][0] + 1 for i in decodes]
+        max_blocks = max((n + block_size - 1) // block_size for n in lens)
+        meta.decode_block_tables = torch.tensor([tables[i][:max_blocks] + [0] * (max_blocks - len(tables[i][:max_blocks]))
+                                                 for i in decodes])
+        meta.decode_context_lens = torch.tensor(lens)
+    offset = len(decodes)
+    for (s, n), table in list(zip(seqs, tables))[len(decodes):]:
+        nb = (s + n + block_size - 1) // block_size
+        meta.prefills.append(PrefillChunk(offset, offset + n, s, torch.tensor(table[:nb])))
+        offset += n
+    return meta
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size, seqs", [
+    (9, 3, 64, 16, [(0, 1), (15, 1), (16, 1), (40, 1), (0, 7), (5, 11)]),
+    (4, 4, 32, 8, [(3, 1), (0, 33)]),
+    (8, 1, 16, 4, [(100, 1), (1, 1), (2, 1), (9, 5)]),
+    (6, 2, 48, 16, [(0, 19)]),
+    (2, 2, 8, 1, [(6, 1), (0, 3), (4, 2)]),
+])
+def test_paged_attention_matches_reference(monkeypatch, use_kernel, num_heads, num_kv_heads, head_dim,
+                                           block_size, seqs):
+    if use_kernel and cpu_kernels() is None:
+        pytest.skip("CPU kernels could not be built here")
+    if not use_kernel:
+        monkeypatch.setattr("kernels.paged_attention._use_cpu_kernel", lambda q, k: False)
+    q, k, v, k_cache, v_cache, tables = _case(0, num_heads, num_kv_heads, head_dim, block_size, seqs)
+    meta = _meta(seqs, tables, block_size)
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    scale = head_dim ** -0.5
+    out = paged_attention(q, k, v, k_cache, v_cache, meta, scale)
+    ref = paged_attention_ref(q, k_cache, v_cache, tables, [s for s, _ in seqs], [n for _, n in seqs], scale)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernel_is_batch_invariant():
+    if cpu_kernels() is None:
+        pytest.skip("CPU kernels could not be built here")
+    seqs = [(s, 1) for s in (3, 17, 64, 130)]
+    q, _, _, k_cache, v_cache, tables = _case(1, 9, 3, 64, 16, seqs)
+    meta = _meta(seqs, tables, 16)
+    together = cpu_kernels().paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                                    meta.decode_context_lens, 0.125)
+    for i in range(len(seqs)):
+        alone = cpu_kernels().paged_decode_attention(q[i:i + 1], k_cache, v_cache, meta.decode_block_tables[i:i + 1],
+                                                     meta.decode_context_lens[i:i + 1], 0.125)
+        assert torch.equal(alone[0], together[i])
