@@ -56,8 +56,7 @@ def load_model(model_path: str | Path):
 
 
 def _generate(model, tokenizer, prompts: list[list[int]], num_new_tokens: int, streamer=None) -> torch.Tensor:
-    tokenizer.padding_side = "left"
-    batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
+    batch = tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt")
     # NOTE: min_new_tokens == max_new_tokens masks EOS, so every batch does the same work as the engine's
     # ignore_eos requests; greedy tokens after a masked EOS differ from the engine's, their cost does not.
     with torch.inference_mode():

@@ -188,6 +188,20 @@ def _target(label: str, value: float, target: float, unit: str = "x", higher_is_
     return f"{label}: {value:.2f}{unit} (target {sign} {target:g}{unit}: {'met' if met else 'NOT met'})"
 
 
+def _load_note() -> str:
+    num_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load_1m = os.getloadavg()[0]
+    note = f"machine load (1 min) {load_1m:.1f} on {num_cpus} CPUs"
+    if load_1m > num_cpus:  # other processes shared the cores: every figure above is slowed, ratios less so
+        note += ": OTHER WORK WAS RUNNING, absolute figures are pessimistic"
+    return note
+
+
+def _phase_line(result: PhaseResult) -> str:
+    return (f"  {result.name}: {result.num_requests} requests in {result.duration_s:.1f} s, "
+            f"{result.output_tok_s:.1f} output tok/s, TTFT p50 {percentile(result.ttft_s, 50):.2f} s")
+
+
 def print_report(args, requests, engine, step_stats, hf, prefix_on, prefix_off, cache_on, cache_off) -> None:
     print()
     print("=" * 78)
@@ -222,6 +236,8 @@ def print_report(args, requests, engine, step_stats, hf, prefix_on, prefix_off, 
             print(f"scheduler prefix cache hit rate (hits / lookups in the burst): {cache_on['scheduler_hit_rate']:.1%}")
         ttft_ratio = percentile(prefix_off.ttft_s, 50) / percentile(prefix_on.ttft_s, 50)
         print(_target("TTFT p50 ratio off / on", ttft_ratio, 5.0))
+    print()
+    print(_load_note())
     print("=" * 78)
 
 
@@ -272,12 +288,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"ShareGPT check: {num_conversations:,} complete conversations")
 
-    print(f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads; {_load_note()}",
+          flush=True)
     tokenizer = load_tokenizer(args.model)
     requests = sample_requests(tokenizer, args.num_requests, args.seed, args.max_prompt_len, args.max_output_len)
 
     print("phase 1/3: engine on ShareGPT ...", flush=True)
     engine, step_stats, loaded = run_engine(args, requests)
+    print(_phase_line(engine), flush=True)
     release_memory()
     prefix_on = prefix_off = cache_on = cache_off = None
     if not args.skip_prefix:
@@ -286,14 +304,17 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer, args.prefix_requests, args.prefix_len, args.prefix_question_len, args.seed
         )
         prefix_on, cache_on = run_prefix_phase(args, loaded, prompts, enable_prefix_caching=True)
+        print(_phase_line(prefix_on), flush=True)
         release_memory()
         prefix_off, cache_off = run_prefix_phase(args, loaded, prompts, enable_prefix_caching=False)
+        print(_phase_line(prefix_off), flush=True)
     del loaded  # the baseline's memory is measured without the engine's weights around
     release_memory()
     hf = None
     if not args.skip_hf:
         print("phase 3/3: transformers on ShareGPT ...", flush=True)
         hf = run_hf_baseline(args.model, tokenizer, requests, args.hf_batch_size)
+        print(_phase_line(hf), flush=True)
     print_report(args, requests, engine, step_stats, hf, prefix_on, prefix_off, cache_on, cache_off)
     return 0
 

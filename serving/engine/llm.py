@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from serving.config import EngineConfig
+from serving.engine.chat import chat_prompt_ids
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
@@ -58,11 +59,7 @@ class LLM:
         return self.generate(prompts, sampling_params)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template; use generate() with a plain prompt")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        # The template already spells out its special tokens.
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return chat_prompt_ids(self.tokenizer, messages, add_generation_prompt)
 
     def _run(self, req_ids: list[str]) -> list[RequestOutput]:
         wanted = set(req_ids)
