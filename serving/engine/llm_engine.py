@@ -222,7 +222,8 @@ class LLMEngine:
         if status is None:
             return self._make_output(tracked, finished=False)
         self.scheduler.finish_requests([request.req_id], status)
-        return self._finish(tracked, status, stop_token=token if not stop_hit else None)
+        by_token = status == RequestStatus.FINISHED_STOPPED and not stop_hit
+        return self._finish(tracked, status, stop_token=token if by_token else None)
 
     def _finish(self, tracked: _Tracked, status: RequestStatus, stop_token: int | None = None,
                 error: str | None = None) -> RequestOutput:

@@ -1,0 +1,55 @@
+"""The OpenAI-compatible HTTP app: `create_app(state)` -> FastAPI, served by uvicorn inside the daemon.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, and plain
+probes GET /healthz (the process answers) and GET /readyz (200 only while new requests are welcome).
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from serving.http.chat import create_chat_completion
+from serving.http.completions import create_completion
+from serving.http.errors import install_error_handlers
+from serving.http.generation import ServingContext, check_model, readiness
+from serving.http.logprobs import TokenTexts
+from serving.http.protocol import ChatCompletionRequest, CompletionRequest
+from serving.http.responses import ModelCard, ModelList
+from serving.server_state import ServerState
+
+
+def create_app(state: ServerState) -> FastAPI:
+    ctx = ServingContext(state=state, token_texts=TokenTexts(state.async_llm.tokenizer))
+    app = FastAPI(title="frugal", summary="OpenAI-compatible API of the frugal serving daemon")
+    install_error_handlers(app)
+
+    def model_card() -> ModelCard:
+        return ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        status = readiness(state)
+        return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str) -> ModelCard:
+        check_model(state, model)
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(ctx, body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(ctx, body, request)
+
+    return app

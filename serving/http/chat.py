@@ -1,0 +1,85 @@
+"""POST /v1/chat/completions: messages through the model's chat template, one answer per choice."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from serving.engine.chat import chat_prompt_ids
+from serving.engine.outputs import RequestOutput
+from serving.http.errors import bad_request
+from serving.http.generation import (Job, ServingContext, api_error, check_admission, collect, generate, make_job,
+                                     run_for_client, stop_reason, usage)
+from serving.http.logprobs import chat_logprobs, delta_rows
+from serving.http.protocol import ChatCompletionRequest
+from serving.http.responses import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
+                                    ChatCompletionChunk, DeltaMessage)
+from serving.http.streaming import SSEResponse, sse_events
+
+logger = logging.getLogger(__name__)
+
+
+def _prompt_ids(ctx: ServingContext, body: ChatCompletionRequest) -> list[int]:
+    messages = []
+    for i, message in enumerate(body.messages):
+        try:
+            messages.append(message.template_dict(i))
+        except ValueError as e:
+            raise bad_request(str(e), f"messages[{i}].content")
+    try:
+        return chat_prompt_ids(ctx.state.async_llm.tokenizer, messages)
+    except ValueError as e:
+        raise bad_request(str(e), "messages")
+
+
+async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, request: Request) -> Response:
+    state = ctx.state
+    check_admission(state, body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    ids = _prompt_ids(ctx, body)
+    job = make_job(state, body, "chatcmpl", [ids], [None], logprobs=body.engine_logprobs, default_max_tokens=None)
+    logger.debug("%s: %d prompt tokens, user %r", job.request_id, len(ids), body.user)
+    outputs = generate(state, job)
+    if body.stream:
+        first = await run_for_client(request, state, body, anext(outputs))
+        usage_chunk = ChatCompletionChunk(id=job.request_id, created=job.created, model=state.model_name, choices=[])
+        events = sse_events(first, outputs, job, _prelude(job, state.model_name), _chunk_renderer(ctx, job),
+                            usage_chunk if body.include_usage else None,
+                            lambda e: api_error(e, state, body))
+        return SSEResponse(events, outputs, job.request_id)
+    finals = await run_for_client(request, state, body, collect(outputs, job))
+    want_logprobs = body.logprobs
+    completion = ChatCompletion(
+        id=job.request_id, created=job.created, model=state.model_name, usage=usage(job, finals),
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
+                            stop_reason=stop_reason(out),
+                            logprobs=chat_logprobs(out.logprobs or [], ctx.token_texts) if want_logprobs else None)
+                 for i, out in finals.items()])
+    return Response(completion.model_dump_json(), media_type="application/json",
+                    headers={"x-request-id": job.request_id})
+
+
+def _prelude(job: Job, model: str) -> list[ChatCompletionChunk]:
+    """OpenAI opens every choice with a chunk that carries the role and empty content."""
+    return [ChatCompletionChunk(id=job.request_id, created=job.created, model=model, choices=[
+        ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]) for i in range(job.num_choices)]
+
+
+def _chunk_renderer(ctx: ServingContext, job: Job):
+    model, want_logprobs = ctx.state.model_name, job.params.logprobs is not None
+
+    def render(index: int, out: RequestOutput) -> ChatCompletionChunk | None:
+        rows = delta_rows(out) if want_logprobs else []
+        if not out.delta_text and not rows and not out.finished:
+            return None  # tokens held back (a stop string may be forming): nothing to show yet
+        choice = ChatChunkChoice(
+            index=index, delta=DeltaMessage(content=out.delta_text) if out.delta_text else DeltaMessage(),
+            logprobs=chat_logprobs(rows, ctx.token_texts) if want_logprobs else None,
+            finish_reason=out.finish_reason if out.finished else None,
+            stop_reason=stop_reason(out))
+        return ChatCompletionChunk(id=job.request_id, created=job.created, model=model, choices=[choice])
+
+    return render
+
