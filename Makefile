@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test generate serve bench clean
+.PHONY: venv test generate serve proto bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ test: $(STAMP)
 
 generate: $(STAMP)
 	$(VENV)/bin/frugal generate --max-tokens 96
+
+# The daemon on the bundled model: gRPC on 50051, OpenAI-compatible HTTP on 8000; Ctrl-C or SIGTERM drains.
+serve: $(STAMP)
+	$(VENV)/bin/frugal serve --config frugal.yaml
+
+# Regenerates serving/rpc/gen from serving/rpc/protos (the generated code is committed; a test checks it is fresh).
+proto: $(STAMP)
+	$(PY) -m serving.rpc.codegen
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.throughput

@@ -3,24 +3,20 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass
 
+import numpy as np
 import psutil
 
 _MIB = 1 << 20
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between ranks, as numpy's default; NaN if empty."""
+    """The q-th percentile (0..100), interpolated linearly between ranks; NaN when there are no values."""
     if not values:
         return math.nan
-    if not 0 <= q <= 100:
-        raise ValueError(f"q must be in [0, 100], got {q}")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    return float(np.percentile(values, q))
 
 
 class PeakRSS:
@@ -61,6 +57,28 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+@dataclass(slots=True)
+class CpuSnapshot:
+    """CPU seconds used so far by the whole machine and by this process, to tell how much others took."""
+
+    wall_s: float  # time.monotonic()
+    machine_busy_s: float  # non-idle CPU seconds over all CPUs since boot
+    self_s: float  # CPU seconds of this process (user + system, children included)
+
+    @classmethod
+    def take(cls) -> CpuSnapshot:
+        times = psutil.cpu_times()
+        busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        own = psutil.Process().cpu_times()
+        return cls(time.monotonic(), busy, own.user + own.system + own.children_user + own.children_system)
+
+    def others_share(self, later: CpuSnapshot) -> float:
+        """Fraction of the machine's CPU capacity that other processes used between the two snapshots."""
+        capacity = (later.wall_s - self.wall_s) * (psutil.cpu_count() or 1)
+        others = (later.machine_busy_s - self.machine_busy_s) - (later.self_s - self.self_s)
+        return max(others, 0.0) / capacity if capacity > 0 else 0.0
 
 
 @dataclass(slots=True)
@@ -109,14 +127,23 @@ def _fmt(value: float) -> str:
     return f"{value:,.1f}" if abs(value) < 1e4 else f"{value:,.0f}"
 
 
-def format_comparison(title: str, result: PhaseResult, baseline: PhaseResult) -> str:
-    """A table of `result` beside `baseline`, one figure a row, with the ratio result / baseline."""
-    rows = [(label, result_value, baseline.figures()[label]) for label, result_value in result.figures().items()]
-    width = max(len(label) for label, *_ in rows)
-    col = max(14, len(result.name), len(baseline.name))
-    lines = [title, f"{'':<{width}}  {result.name:>{col}}  {baseline.name:>{col}}  {'ratio':>7}"]
-    for label, value, base in rows:
-        ratio = value / base if base and not math.isnan(base) and not math.isnan(value) else math.nan
-        ratio_text = "-" if math.isnan(ratio) else f"{ratio:.2f}x"
-        lines.append(f"{label:<{width}}  {_fmt(value):>{col}}  {_fmt(base):>{col}}  {ratio_text:>7}")
+def format_comparison(title: str, result: PhaseResult, baseline: PhaseResult | None = None) -> str:
+    """A table of `result` beside `baseline`, one figure a row, with the ratio result / baseline.
+
+    Without a baseline (it was skipped) the table has the result's column only.
+    """
+    results = [result] if baseline is None else [result, baseline]
+    columns = [r.figures() for r in results]
+    width = max(len(label) for label in columns[0])
+    col = max(14, *(len(r.name) for r in results))
+    header = "".join(f"  {r.name:>{col}}" for r in results) + ("  " + f"{'ratio':>7}" if baseline else "")
+    lines = [title, f"{'':<{width}}{header}"]
+    for label in columns[0]:
+        values = [c[label] for c in columns]
+        line = f"{label:<{width}}" + "".join(f"  {_fmt(v):>{col}}" for v in values)
+        if baseline is not None:
+            value, base = values
+            ratio = value / base if base and not math.isnan(base) and not math.isnan(value) else math.nan
+            line += f"  {'-' if math.isnan(ratio) else f'{ratio:.2f}x':>7}"
+        lines.append(line)
     return "\n".join(lines)

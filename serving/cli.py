@@ -54,16 +54,94 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run the daemon: gRPC and OpenAI-compatible HTTP on one engine")
+    p.add_argument("--config", default=None, help="YAML config file (see frugal.yaml); flags override it")
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: the file's stem)")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
+    p.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8000)")
+
+
+def cmd_serve(args) -> int:
+    from serving.server.config import ConfigError, load_config
+
+    overrides = {"model": args.model, "served_model_name": args.served_model_name, "host": args.host,
+                 "grpc_port": args.grpc_port, "http_port": args.http_port, "log_level": args.log_level}
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        logging.getLogger("frugal").error("invalid configuration: %s", e)
+        return 2
+    logging.getLogger().setLevel(config.log_level)
+    from serving.server.daemon import run
+
+    return run(config)
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="ask a running daemon one question over gRPC; streams the answer")
+    p.add_argument("question")
+    p.add_argument("--target", default="127.0.0.1:50051", help="daemon gRPC address (host:port)")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--model", default="", help="served model id (default: the daemon's model)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+
+
+def cmd_chat(args) -> int:
+    from serving.rpc.client import chat_request, stream_chat
+
+    request = chat_request(args.question, args.system, args.max_tokens, args.temperature, args.model)
+    return stream_chat(args.target, request, args.timeout)
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="write a weight-quantized checkpoint directory (loads with --model DIR)")
+    p.add_argument("model", help="GGUF file or HF directory to quantize")
+    p.add_argument("--format", required=True, choices=["int4-g32", "int4-g64", "int4-g128", "int8"])
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--eval", action="store_true",
+                   help="gate: compare perplexity with the unquantized model on held-out ShareGPT text")
+    p.add_argument("--max-ppl-increase", type=float, default=0.03, help="largest relative perplexity rise (0.03 = 3%%)")
+
+
+def cmd_quantize(args) -> int:
+    from serving.loaders import CheckpointError
+    from serving.quant.export import QualityGateError, export
+
+    try:
+        result = export(args.model, args.format, args.out, run_eval=args.eval, max_ppl_increase=args.max_ppl_increase)
+    except QualityGateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.report is not None:
+        print(f"quality: {result.report.summary()}")
+    print(f"wrote {result.out_dir} ({result.weight_bytes / 2**20:.1f} MiB of weights)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="frugal", description="frugal: cost-efficient LLM serving")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default=None, type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        help="default WARNING (serve: the config's log_level)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
+    _add_chat(sub)
+    _add_quantize(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import serving  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 
-    return {"generate": cmd_generate}[args.command](args)
+    commands = {"generate": cmd_generate, "serve": cmd_serve, "chat": cmd_chat, "quantize": cmd_quantize}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

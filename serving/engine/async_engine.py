@@ -55,9 +55,10 @@ class AsyncLLM:
         req_id = req_id or f"areq-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         stream = _Stream(loop=loop, queue=asyncio.Queue())
-        await self._submit(("add", req_id, prompt, params, request_kwargs, stream))
         finished = False
         try:
+            # Inside the try: a caller cancelled while the add is in flight still aborts what the add queued.
+            await self._submit(("add", req_id, prompt, params, request_kwargs, stream))
             while True:
                 out = await stream.queue.get()
                 if isinstance(out, BaseException):
@@ -68,12 +69,13 @@ class AsyncLLM:
                     return
         finally:
             if not finished:
-                # Consumer went away (cancelled, deadline, disconnect): free the request's blocks now.
-                self._commands.put(("abort", req_id, None))
+                # Consumer went away (cancelled, deadline, disconnect): free the request's blocks now. Only if the
+                # id is still this stream's: a refused add (duplicate id) must not abort the other request.
+                self._commands.put(("abort", req_id, stream, None))
                 self._wakeup.set()
 
     async def abort(self, req_id: str) -> None:
-        await self._submit(("abort", req_id))
+        await self._submit(("abort", req_id, None))
 
     def stats(self) -> dict:
         """A snapshot for health checks and metrics (read without locking; values may be a step old)."""
@@ -118,12 +120,19 @@ class AsyncLLM:
                 return
             kind, req_id = command[0], command[1]
             future = command[-1]
+            if future is not None and not future.set_running_or_notify_cancel():
+                if kind == "add":
+                    continue  # the caller was cancelled before the add ran: never queue the request
+                future = None
             try:
                 if kind == "add":
                     _, _, prompt, params, kwargs, stream, _ = command
                     self.engine.add_request(prompt, params, req_id=req_id, **kwargs)
                     self._streams[req_id] = stream
                 else:
+                    owner = command[2]  # None: abort whoever holds the id; a stream: only if it still does
+                    if owner is not None and self._streams.get(req_id) is not owner:
+                        continue
                     final = self.engine.abort_request(req_id)
                     if final is not None:
                         self._deliver(final, req_id)

@@ -65,7 +65,8 @@ class LLMEngine:
         torch.set_num_threads(config.num_threads or available_cpus())
         self.device = torch.device(config.device)
         dtype = getattr(torch, config.dtype)
-        self.loaded = loaded or load_model(config.model, dtype=dtype, device=config.device)
+        self.loaded = loaded or load_model(config.model, dtype=dtype, device=config.device,
+                                           quantization=config.quantization)
         self.tokenizer = self.loaded.tokenizer
         self.args = self.loaded.args
         self.max_model_len = min(config.max_model_len or min(self.args.max_position_embeddings, 8192),
@@ -178,6 +179,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step; returns an output for every request that made progress or finished."""
         t0 = time.perf_counter()
+        step_start = time.monotonic()
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             return []
@@ -194,7 +196,7 @@ class LLMEngine:
         for seq in sched_out.seqs:
             tracked = self._tracked[seq.req_id]
             if tracked.metrics.first_scheduled_time is None:
-                tracked.metrics.first_scheduled_time = now
+                tracked.metrics.first_scheduled_time = step_start
                 tracked.metrics.num_cached_tokens = max(tracked.request.num_cached_tokens, 0)
             token = runner_out.sampled_token_ids.get(seq.req_id)
             if token is None:

@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from kernels.cpu_ops import cpu_kernels
 from kernels.paged_attention import AttentionMetadata, PrefillChunk
 from scheduler.output import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from serving.engine.sampler import SamplingState, sample
@@ -31,9 +32,13 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         shape = (num_blocks, block_size, self.args.num_kv_heads, self.args.head_dim)
+        # NOTE: the torch decode path gathers whole blocks and masks the unwritten slots; a masked NaN would still
+        # poison the softmax, so it needs zeroed memory. The CPU kernel and the prefill path only read written
+        # slots, so there the cache is left unzeroed: the OS maps pages as they are first written, and a large
+        # budget costs neither start-up time nor resident memory until it is used.
+        alloc = torch.empty if device.type == "cpu" and kv_dtype == torch.float32 and cpu_kernels() else torch.zeros
         # One (K, V) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim]
-        self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=device),
-                           torch.zeros(shape, dtype=kv_dtype, device=device))
+        self.kv_caches = [(alloc(shape, dtype=kv_dtype, device=device), alloc(shape, dtype=kv_dtype, device=device))
                           for _ in range(self.args.num_layers)]
 
     def build_batch(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, AttentionMetadata, list[ScheduledSeq]]:

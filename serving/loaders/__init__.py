@@ -10,8 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from serving.loaders.gguf_loader import CheckpointError, gguf_model_args, load_gguf_state_dict, open_gguf
+from serving.loaders.bnb_loader import is_bnb_checkpoint, load_bnb_state_dict  # hook: bitsandbytes
+from serving.loaders.gptq_loader import is_gptq_checkpoint, load_gptq_state_dict  # hook: GPTQ
 from serving.loaders.safetensors_loader import hf_model_args, load_safetensors_state_dict
 from serving.models.llama import LlamaForCausalLM, ModelArgs
+from serving.quant.checkpoint import is_quantized_checkpoint, load_checkpoint_state
+from serving.quant.install import install, linear_weight_names, quantize_state
+from serving.quant.layout import QuantizedWeight, dequantize
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +49,30 @@ class LoadedModel:
     path: str  # where it came from
 
 
-def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               quantization: str = "none", quant_cpu_path: str | None = None) -> LoadedModel:
+    """Loads a checkpoint onto `device`. `quantization` is EngineConfig.quantization: "none" computes with
+    float weights; "auto" keeps weights that are stored packed (GGUF Q4_0/Q4_1/Q8_0, our quantized
+    checkpoints) packed; "int4-g*"/"int8" quantize the linear layers at load. The embedding stays float."""
     path = os.path.abspath(os.path.expanduser(path or default_model_path()))
     if os.path.isdir(path):
         args = hf_model_args(path)
-        state = load_safetensors_state_dict(path, args)
+        if is_quantized_checkpoint(path):
+            state = load_checkpoint_state(path)
+            if quantization == "none":
+                state = {k: dequantize(v) if isinstance(v, QuantizedWeight) else v for k, v in state.items()}
+        # -- hook: GPTQ and bitsandbytes checkpoints (serving/loaders/gptq_loader.py, bnb_loader.py) --
+        elif is_gptq_checkpoint(path):
+            state = load_gptq_state_dict(path, args, keep_packed=quantization != "none")
+        elif is_bnb_checkpoint(path):
+            state = load_bnb_state_dict(path, args, keep_packed=quantization != "none")
+        # -- end hook --
+        else:
+            state = load_safetensors_state_dict(path, args)
     elif os.path.isfile(path):
         reader = open_gguf(path)
         args = gguf_model_args(reader)
-        state = load_gguf_state_dict(reader, args)
+        state = load_gguf_state_dict(reader, args, quantization)
         del reader
     else:
         raise FileNotFoundError(f"model not found: {path} (expected a .gguf file or a HF checkpoint directory)")
@@ -60,6 +80,9 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, devi
         model = LlamaForCausalLM(args)
     # The rope tables are buffers computed at init; rebuild them for real before loading weights.
     model.rope = type(model.rope)(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
+    if quantization not in ("none", "auto"):
+        state = quantize_state(state, quantization, linear_weight_names(model))
+    state = install(model, state, dtype, device, quant_cpu_path)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise CheckpointError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from serving.models.llama import ModelArgs
+from serving.quant.gguf_import import gguf_tensor_to_weight
+from serving.quant.install import fuse_rows, permute_rows
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +101,19 @@ def _dequantize(tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
 
 
-def load_gguf_state_dict(reader, args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Returns our parameter names -> float32 tensors, with QKV and gate/up fused."""
+def load_gguf_state_dict(reader, args: ModelArgs, quantization: str = "none") -> dict:
+    """Returns our parameter names -> float32 tensors, with QKV and gate/up fused.
+
+    Under a `quantization` policy other than "none", linear weights are QuantizedWeight objects instead
+    (see serving/quant/gguf_import.py); fusing and the Q/K un-permutation act on their packed rows.
+    """
     raw = {}
     for tensor in reader.tensors:
         try:
-            raw[tensor.name] = _dequantize(tensor)
+            if quantization != "none" and _is_linear(tensor):
+                raw[tensor.name] = gguf_tensor_to_weight(tensor, quantization)
+            else:
+                raw[tensor.name] = _dequantize(tensor)
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {tensor.name} ({tensor.tensor_type.name}): {e}") from e
     state = {"embed_tokens.weight": _take(raw, "token_embd.weight"), "norm.weight": _take(raw, "output_norm.weight")}
@@ -114,23 +123,28 @@ def load_gguf_state_dict(reader, args: ModelArgs) -> dict[str, torch.Tensor]:
 
     def qk(name: str, num_heads: int) -> torch.Tensor:
         tensor = _take(raw, name)
-        return unpermute_qk(tensor, num_heads) if permuted else tensor
+        return permute_rows(tensor, lambda t: unpermute_qk(t, num_heads)) if permuted else tensor
 
     for i in range(args.num_layers):
         p = f"blk.{i}."
         q = qk(p + "attn_q.weight", args.num_heads)
         k = qk(p + "attn_k.weight", args.num_kv_heads)
         v = _take(raw, p + "attn_v.weight")
-        state[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat([q, k, v])
+        state[f"layers.{i}.self_attn.qkv_proj.weight"] = fuse_rows([q, k, v])
         if args.attention_bias:
             qb = qk(p + "attn_q.bias", args.num_heads)
             kb = qk(p + "attn_k.bias", args.num_kv_heads)
             state[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat([qb, kb, _take(raw, p + "attn_v.bias")])
         gate, up = _take(raw, p + "ffn_gate.weight"), _take(raw, p + "ffn_up.weight")
-        state[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat([gate, up])
+        state[f"layers.{i}.mlp.gate_up_proj.weight"] = fuse_rows([gate, up])
         for src, dst in _LAYER_TENSORS.items():
             state[f"layers.{i}.{dst}"] = _take(raw, p + src)
     return state
+
+
+def _is_linear(tensor) -> bool:
+    """A 2-D weight of a linear layer (the token embedding is a lookup table, kept in float)."""
+    return tensor.name.endswith(".weight") and len(tensor.shape) == 2 and tensor.name != "token_embd.weight"
 
 
 def _take(raw: dict, name: str) -> torch.Tensor:

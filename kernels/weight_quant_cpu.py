@@ -1,0 +1,83 @@
+"""CPU weight-only quantized matmul (fp32 activations) over the packed layout of serving/quant/layout.py.
+
+Compiled on first use like kernels/cpu_ops.py (torch C++ extension, cached under TORCH_EXTENSIONS_DIR);
+`weight_quant_kernels()` returns None when FRUGAL_CPU_KERNELS=0 or the build fails, and callers fall back to
+dequantize-then-matmul. Launchers check shapes; `quant_linear_cpu_ref` is the pure-torch reference.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "weight_quant_cpu.cpp")
+# NOTE: no -ffast-math and no FMA contraction: dequantization must round exactly as the torch reference does.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"]
+_lock = threading.Lock()
+_module = None
+_failed = False
+
+
+def weight_quant_kernels():
+    """The compiled module, or None when disabled or the build failed (logged once)."""
+    global _module, _failed
+    if _module is not None or _failed:
+        return _module
+    if os.environ.get("FRUGAL_CPU_KERNELS", "1") == "0":
+        _failed = True
+        return None
+    with _lock:
+        if _module is None and not _failed:
+            try:
+                from torch.utils.cpp_extension import load
+
+                _module = load(name="frugal_weight_quant_cpu", sources=[_SOURCE], extra_cflags=_CFLAGS,
+                               verbose=False)
+            except Exception as e:  # no compiler, no ninja, read-only cache...
+                logger.warning("CPU weight-quant kernels unavailable, using dequantize + matmul: %s", e)
+                _failed = True
+    return _module
+
+
+def _no_mins(scales: torch.Tensor) -> torch.Tensor:
+    return scales.new_empty(0)
+
+
+def quant_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                     group_size: int) -> torch.Tensor:
+    """x: [M, K] fp32; qweight: int4 uint8 [N, K // 2] (mins given) or int8 [N, K] (mins None);
+    scales, mins: fp16 [N, K // group_size]  ->  [M, N] fp32. Needs the compiled module."""
+    int4 = mins is not None
+    return weight_quant_kernels().quant_linear(x, qweight, scales, mins if int4 else _no_mins(scales),
+                                               group_size, int4)
+
+
+def dequant_cpu(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                group_size: int) -> torch.Tensor:
+    """The packed weight as fp32 [N, K], bit-identical to quant_linear_cpu_ref's dequantization."""
+    int4 = mins is not None
+    return weight_quant_kernels().dequant(qweight, scales, mins if int4 else _no_mins(scales), group_size, int4)
+
+
+def dequant_ref(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                group_size: int) -> torch.Tensor:
+    # qweight: int4 uint8 [N, K // 2] (even k low nibble) or int8 [N, K]; scales/mins: fp16 [N, K // G]
+    if mins is not None:
+        q = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1)
+    else:
+        q = qweight
+    n, k = q.shape
+    q = q.reshape(n, k // group_size, group_size).float()
+    w = q * scales.float().unsqueeze(-1)
+    if mins is not None:
+        w = w + mins.float().unsqueeze(-1)
+    return w.reshape(n, k)
+
+
+def quant_linear_cpu_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                         group_size: int) -> torch.Tensor:
+    return x.float() @ dequant_ref(qweight, scales, mins, group_size).T

@@ -1,0 +1,142 @@
+"""`QuantLinear`: a linear layer over a QuantizedWeight, and the per-device matmul paths it runs.
+
+The path is chosen once, when the layer is built (`choose_path`), and each path turns the QuantizedWeight into
+what its kernel reads (`_prepare_*`). CPU paths, measured on this project's CPUs by benchmarks/quant_cpu.py:
+- "kernel": kernels/weight_quant_cpu.py's fused dequant-dot loop on fp32 activations for small batches,
+  and above `KERNEL_MAX_M` rows its fast dequantize followed by a float GEMM.
+- "fbgemm": int8 weights prepacked for fbgemm (`quantized.linear_dynamic`), activations quantized per call.
+- "int4pack": torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`) on bf16 activations.
+- "dequant": dequantize to the compute dtype on every call, then a float matmul: the reference every other
+  path is checked against, and the fallback for shapes the kernels refuse.
+GPU: "triton" calls kernels.quant_matmul's fused dequant-matmul when that module exists, else "dequant".
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.weight_quant_cpu import dequant_cpu, quant_linear_cpu, weight_quant_kernels
+from serving.quant.layout import QuantizedWeight, dequantize, unpack_nibbles
+
+CPU_PATHS = ("kernel", "fbgemm", "int4pack", "dequant")
+GPU_PATHS = ("triton", "dequant")
+# NOTE: measured in benchmarks/quant_cpu.py: fbgemm is the fastest but quantizes activations per tensor and
+# fails the greedy-agreement gate; int4pack rounds activations and outputs to bf16 (about 86% agreement).
+# "kernel" keeps fp32 activations (exact up to summation order) and is the default where it compiles.
+DEFAULT_CPU_PATH = "kernel"
+KERNEL_MAX_M = 8  # above this many rows a dequantize + float GEMM beats the fused loop (quant_cpu table)
+
+
+def _triton_ops():
+    try:
+        return importlib.import_module("kernels.quant_matmul")
+    except ImportError:
+        return None
+
+
+def choose_path(qw: QuantizedWeight, device: torch.device, cpu_path: str | None = None) -> str:
+    """The matmul path for this weight on this device; called once per layer at load."""
+    if device.type == "cuda":
+        return "triton" if _triton_ops() is not None else "dequant"
+    path = cpu_path or DEFAULT_CPU_PATH
+    if path not in CPU_PATHS:
+        raise ValueError(f"cpu quant path must be one of {', '.join(CPU_PATHS)}, got {path!r}")
+    if path == "kernel" and weight_quant_kernels() is None:
+        return "dequant"
+    if path == "int4pack" and (qw.format != "int4" or qw.shape[1] % qw.group_size or qw.group_size < 32):
+        return "dequant"
+    return path
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for nn.Linear(K, N) whose weight is a QuantizedWeight; forward dispatches to `self.path`."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", cpu_path: str | None = None):
+        super().__init__()
+        device = torch.device(device)
+        self.out_features, self.in_features = qw.shape
+        self.format, self.group_size = qw.format, qw.group_size
+        self.dtype = dtype  # compute dtype of the activations it gets and returns
+        self.path = choose_path(qw, device, cpu_path)
+        self.bias = None if bias is None else nn.Parameter(bias.to(device, dtype), requires_grad=False)
+        # Each path keeps only the tensors its kernel reads, so the weight is held once.
+        self.qw: QuantizedWeight | None = None  # our layout: "dequant" and "triton"
+        self.packed = None  # fbgemm's prepacked int8 weight
+        self.int4pack: tuple[torch.Tensor, torch.Tensor] | None = None  # torch int4 layout, [K/G, N, 2] bf16
+        getattr(self, f"_prepare_{self.path}")(qw.to(device))
+
+    # -- preparation (once, at load) --------------------------------------------------------------------
+    def _prepare_dequant(self, qw: QuantizedWeight) -> None:
+        self.qw = qw
+
+    _prepare_triton = _prepare_kernel = _prepare_dequant
+
+    def _prepare_fbgemm(self, qw: QuantizedWeight) -> None:
+        weight = dequantize(qw)
+        if qw.format == "int8" and qw.group_size == qw.shape[1]:  # already per-channel int8: no requantization
+            q, scales = qw.qweight, qw.scales.double().squeeze(1)
+        else:
+            scales = (weight.abs().amax(1) / 127).clamp_min(1e-12).double()
+            q = (weight / scales.unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
+        zeros = torch.zeros(qw.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # quantized tensor creation warns of a future deprecation
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(q, scales, zeros, 0)
+            self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+
+    def _prepare_int4pack(self, qw: QuantizedWeight) -> None:
+        codes = unpack_nibbles(qw.qweight).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        # torch's kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale
+        scales, mins = qw.scales.float(), qw.mins.float()
+        zeros = torch.stack([scales, mins + 8 * scales], dim=-1).transpose(0, 1).contiguous()
+        self.int4pack = (packed, zeros.to(torch.bfloat16))
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = getattr(self, f"_mm_{self.path}")(x.reshape(-1, self.in_features))
+        y = y.to(self.dtype) if self.bias is None else y.to(self.dtype) + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _mm_dequant(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize(self.qw, x.dtype))
+
+    def _mm_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        qw = self.qw
+        if x.shape[0] > KERNEL_MAX_M:
+            return F.linear(x.float(), dequant_cpu(qw.qweight, qw.scales, qw.mins, qw.group_size))
+        return quant_linear_cpu(x.float(), qw.qweight, qw.scales, qw.mins, qw.group_size)
+
+    def _mm_fbgemm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed)
+
+    def _mm_int4pack(self, x: torch.Tensor) -> torch.Tensor:
+        packed, zeros = self.int4pack
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, self.group_size, zeros)
+
+    def _mm_triton(self, x: torch.Tensor) -> torch.Tensor:
+        ops, qw = _triton_ops(), self.qw
+        if qw.format == "int4":
+            return ops.w4a16_matmul(x, qw.qweight, qw.scales, qw.mins, qw.group_size)
+        return ops.w8a16_matmul(x, qw.qweight, qw.scales, qw.group_size)
+
+    # -- accounting -------------------------------------------------------------------------------------
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes this layer holds for its weight in the path's own layout (bias excluded)."""
+        if self.qw is not None:
+            return self.qw.nbytes
+        if self.int4pack is not None:
+            return sum(t.numel() * t.element_size() for t in self.int4pack)
+        weight, _ = torch.ops.quantized.linear_unpack(self.packed)  # a view of the int8 codes
+        return weight.numel() + self.out_features * 16  # int8 codes + a double scale and a long zero per row
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+                f"group_size={self.group_size}, path={self.path}")

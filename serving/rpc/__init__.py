@@ -1,0 +1,1 @@
+"""The gRPC front end: protos, generated code, the servicers and the terminal chat client."""

@@ -1,0 +1,184 @@
+"""The daemon's configuration: a YAML file, validated at start, with command-line flags on top.
+
+Every key is checked by name and type before anything loads, and an error names the bad key (`engine.max_waiting
+must be ...`), so a typo fails the start instead of silently taking a default.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+import yaml
+
+from serving.config import EngineConfig
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+# NOTE: an unbounded queue hides overload until latency explodes; 256 waiting requests is minutes of work here.
+DEFAULT_MAX_WAITING = 256
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclass(slots=True, kw_only=True)
+class ServeConfig:
+    model: str | None = None  # GGUF file or HF directory; None: the bundled SmolLM2-135M-Instruct
+    served_model_name: str | None = None  # the id clients send as `model`; None: the model file's stem
+    host: str = "127.0.0.1"  # address both servers bind
+    grpc_port: int = 50051  # gRPC port; 0 picks a free one
+    http_port: int | None = 8000  # OpenAI-compatible HTTP port; None: no HTTP server
+    drain_grace_s: float = 30.0  # on SIGTERM, how long accepted requests may still run before they are cancelled
+    retry_after_ms: int = 1000  # retry hint sent with a queue-full refusal
+    log_level: str = "INFO"  # one of DEBUG, INFO, WARNING, ERROR, CRITICAL
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields (validated), without `model`
+
+    def engine_config(self) -> EngineConfig:
+        kwargs = {"max_waiting": DEFAULT_MAX_WAITING, **self.engine}
+        try:
+            return EngineConfig(model=self.model, **kwargs)
+        except ValueError as e:  # EngineConfig's messages start with the field name
+            raise ConfigError(f"engine.{e}") from e
+
+
+# -- checks: each takes (key, value) and returns the normalised value or raises ConfigError naming the key --
+def _int(minimum: int, none_ok: bool = False, maximum: int | None = None) -> Callable:
+    def check(key, value):
+        if value is None and none_ok:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum or \
+                (maximum is not None and value > maximum):
+            bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+            raise ConfigError(f"{key} must be an integer {bound}{' or null' if none_ok else ''}, got {value!r}")
+        return value
+    return check
+
+
+def _number(minimum: float) -> Callable:
+    def check(key, value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"{key} must be a number >= {minimum}, got {value!r}")
+        return float(value)
+    return check
+
+
+def _str(none_ok: bool = False, choices: tuple[str, ...] | None = None) -> Callable:
+    def check(key, value):
+        if value is None and none_ok:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key} must be a non-empty string{' or null' if none_ok else ''}, got {value!r}")
+        if choices is not None:
+            if value.upper() not in choices:
+                raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+            return value.upper()
+        return value
+    return check
+
+
+def _bool(key, value):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _bytes(key, value):
+    """An integer, or a string with a unit: '96MiB', '2GiB', '512MB'."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+        if match and match.group(2).upper() in _BYTE_UNITS:
+            value = int(match.group(1)) * _BYTE_UNITS[match.group(2).upper()]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key} must be a positive number of bytes (e.g. 268435456 or '256MiB'), got {value!r}")
+    return value
+
+
+def _weights(key, value):
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0
+            for k, w in value.items()):
+        raise ConfigError(f"{key} must map tenant ids to positive numbers, got {value!r}")
+    return {k: float(w) for k, w in value.items()}
+
+
+_PORT = _int(0, maximum=65535)
+_TOP_LEVEL: dict[str, Callable] = {
+    "model": _str(none_ok=True),
+    "served_model_name": _str(none_ok=True),
+    "host": _str(),
+    "grpc_port": _PORT,
+    "http_port": _int(0, none_ok=True, maximum=65535),
+    "drain_grace_s": _number(0.0),
+    "retry_after_ms": _int(0),
+    "log_level": _str(choices=_LOG_LEVELS),
+}
+_ENGINE: dict[str, Callable] = {
+    "max_num_seqs": _int(1),
+    "max_num_batched_tokens": _int(1),
+    "kv_cache_memory_bytes": _bytes,
+    "max_model_len": _int(2, none_ok=True),
+    "enable_prefix_caching": _bool,
+    "enable_chunked_prefill": _bool,
+    "max_waiting": _int(1, none_ok=True),
+    "block_size": _int(1),
+    "dtype": _str(),
+    "quantization": _str(),
+    "device": _str(),
+    "num_threads": _int(1, none_ok=True),
+    "tenant_weights": _weights,
+}
+
+
+_ENGINE_FIELDS = {f.name for f in fields(EngineConfig)} - {"model"}  # `model` is a top-level key
+
+
+def _check_keys(section: dict, allowed: dict, prefix: str) -> None:
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(prefix + str(k) for k in unknown)}; allowed: "
+                          f"{', '.join(prefix + k for k in allowed)}")
+
+
+def config_from_dict(raw: dict, overrides: dict | None = None) -> ServeConfig:
+    """Validates a parsed YAML mapping, then applies overrides (command-line flags; None means not given)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the configuration must be a mapping of keys to values, got {type(raw).__name__}")
+    _check_keys(raw, {**_TOP_LEVEL, "engine": None}, "")
+    values = {key: _TOP_LEVEL[key](key, value) for key, value in raw.items() if key != "engine"}
+    engine = raw.get("engine") or {}
+    if not isinstance(engine, dict):
+        raise ConfigError(f"engine must be a mapping of engine settings, got {engine!r}")
+    _check_keys(engine, {k: check for k, check in _ENGINE.items() if k in _ENGINE_FIELDS}, "engine.")
+    values["engine"] = {key: _ENGINE[key](f"engine.{key}", value) for key, value in engine.items()}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _TOP_LEVEL[key](key, value)
+    config = ServeConfig(**values)
+    if config.model is not None and not os.path.exists(os.path.expanduser(config.model)):
+        raise ConfigError(f"model: no such file or directory: {config.model}")
+    if config.http_port is not None and config.http_port == config.grpc_port and config.grpc_port != 0:
+        raise ConfigError(f"http_port and grpc_port must differ, both are {config.grpc_port}")
+    config.engine_config()  # the engine's own checks (dtype, device names), with the key named
+    return config
+
+
+def load_config(path: str | None, overrides: dict | None = None) -> ServeConfig:
+    """Reads and validates the YAML file at `path` (None: built-in defaults). Raises ConfigError."""
+    raw: Any = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        raw = {} if raw is None else raw
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None

@@ -1,0 +1,198 @@
+"""`frugal serve`: one process, one engine, served over gRPC and the OpenAI-compatible HTTP API.
+
+Start: bind gRPC first (health NOT_SERVING, so probes get an answer while the model loads), load the model in a
+worker thread, run a short warm-up generate (it also builds the CPU kernels on first use), start HTTP in the same
+event loop, then report SERVING. SIGTERM (or SIGINT) drains: health NOT_SERVING, new calls refused (gRPC
+UNAVAILABLE, HTTP 503 through `state.draining`), accepted requests get `drain_grace_s` to finish, then the
+listeners close and the process exits 0.
+A second signal while draining exits at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pathlib
+import signal
+import time
+
+from serving.rpc.server import GrpcServer, start_grpc_server
+from serving.server.config import ServeConfig
+from serving.server_state import ServerState
+
+logger = logging.getLogger(__name__)
+
+WARMUP_PROMPT = "Hello"
+ENGINE_CHECK_INTERVAL_S = 1.0
+
+
+def build_state(config: ServeConfig) -> ServerState:
+    """Loads the model and starts the engine thread (blocking: seconds to minutes)."""
+    from serving.engine.async_engine import AsyncLLM
+    from serving.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(config.engine_config())
+    path = pathlib.Path(engine.loaded.path)
+    name = config.served_model_name or (path.stem if path.is_file() else path.name)
+    return ServerState(async_llm=AsyncLLM(engine=engine), model_name=name, max_model_len=engine.max_model_len,
+                       retry_after_ms=config.retry_after_ms)
+
+
+async def warm_up(state: ServerState) -> None:
+    """One tiny greedy request, so the first client does not pay for lazy initialisation."""
+    from serving.engine.sampling_params import SamplingParams
+
+    async for _ in state.async_llm.generate(WARMUP_PROMPT, SamplingParams(max_tokens=2, temperature=0.0),
+                                            req_id="warmup"):
+        pass
+
+
+class _HttpServer:
+    """uvicorn in our event loop. The daemon owns the signals, so uvicorn must not install (and re-raise) its own."""
+
+    def __init__(self, state: ServerState, config: ServeConfig) -> None:
+        import uvicorn
+        from serving.http.app import create_app
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                yield
+
+        self.server = Server(uvicorn.Config(
+            create_app(state), host=config.host, port=config.http_port, log_config=None,
+            log_level=config.log_level.lower(), timeout_graceful_shutdown=max(1, int(config.drain_grace_s))))
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self._serve(), name="frugal-http")
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()  # raises the start failure
+            await asyncio.sleep(0.05)
+
+    async def _serve(self) -> None:
+        try:
+            await self.server.serve()
+        except SystemExit:  # uvicorn exits the process when it cannot bind (it has logged why)
+            config = self.server.config
+            raise OSError(f"cannot start HTTP on {config.host}:{config.port}") from None
+
+    async def stop(self, grace: float) -> None:
+        self.server.config.timeout_graceful_shutdown = max(1, int(grace))
+        self.server.should_exit = True
+        if self.task is not None:
+            await self.task
+
+
+def _make_http(state: ServerState, config: ServeConfig) -> _HttpServer | None:
+    if config.http_port is None:
+        return None
+    try:
+        return _HttpServer(state, config)
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("serving.http"):
+            raise
+        logger.warning("HTTP API unavailable (%s); serving gRPC only", e)
+        return None
+
+
+class Daemon:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.stop_requested = asyncio.Event()
+        self.grpc: GrpcServer | None = None
+        self.http: _HttpServer | None = None
+        self.state: ServerState | None = None
+        self.failed = False  # a server died on its own: exit non-zero after draining
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.stop_requested.is_set():
+            logger.warning("second %s while draining: exiting now", sig.name)
+            os._exit(1)
+        logger.info("%s received: draining (grace %.0f s)", sig.name, self.config.drain_grace_s)
+        self.stop_requested.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        config = self.config
+        try:
+            self.grpc = await start_grpc_server(config.host, config.grpc_port)
+        except OSError as e:
+            logger.error("cannot start: %s", e)
+            return 2
+        try:
+            self.state = await asyncio.to_thread(build_state, config)
+            if not self.stop_requested.is_set():
+                await warm_up(self.state)
+                self.grpc.holder.state = self.state
+                http = _make_http(self.state, config)
+                if http is not None:
+                    await http.start()
+                    self.http = http
+                    logger.info("HTTP listening on %s:%d", config.host, config.http_port)
+        except (ValueError, OSError) as e:  # bad settings for this model, a missing file, a taken HTTP port
+            logger.error("cannot start: %s", e)
+            await self._shutdown(grace=0.0)
+            return 2
+        except Exception:
+            logger.exception("start failed")
+            await self._shutdown(grace=0.0)
+            return 1
+        if not self.stop_requested.is_set():
+            self.state.ready = True
+            await self.grpc.set_serving()
+            logger.info("serving %s (context %d) on gRPC port %d", self.state.model_name, self.state.max_model_len,
+                        self.grpc.port)
+            await self._wait_for_stop()
+        await self._shutdown(grace=config.drain_grace_s)
+        logger.info("drained; bye")
+        return 1 if self.failed else 0
+
+    async def _wait_for_stop(self) -> None:
+        waits = [asyncio.create_task(self.stop_requested.wait()), asyncio.create_task(self._watch_engine())]
+        if self.http is not None:
+            waits.append(self.http.task)
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if self.http is not None and self.http.task in done and not self.stop_requested.is_set():
+            logger.error("the HTTP server stopped unexpectedly (%s); draining", self.http.task.exception())
+            self.http = None
+            self.failed = True
+        for task in waits[:2]:
+            task.cancel()
+
+    async def _watch_engine(self) -> None:
+        """Returns when the engine thread has died: the process then exits non-zero so it gets restarted."""
+        while self.state.async_llm.is_running:
+            await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
+        logger.error("the engine thread has stopped; shutting down")
+        self.failed = True
+
+    async def _shutdown(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        if self.state is not None:
+            self.state.draining = True
+        await self.grpc.enter_drain()
+        # NOTE: the listeners stay open while accepted requests finish, so probes read NOT_SERVING and new calls
+        # get a clear UNAVAILABLE / 503 instead of a refused connection; then the servers stop with what is left.
+        while self.state is not None and self.state.async_llm.is_running \
+                and self.state.async_llm.engine.has_unfinished_requests() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        grace = max(deadline - time.monotonic(), 1.0) if grace > 0 else 0.0
+        stops = [self.grpc.server.stop(grace)]
+        if self.http is not None:
+            stops.append(self.http.stop(grace))
+        results = await asyncio.gather(*stops, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.error("error while stopping: %r", result)
+        if self.state is not None:
+            await asyncio.to_thread(self.state.async_llm.shutdown)
+
+
+def run(config: ServeConfig) -> int:
+    """Runs the daemon until drained; returns the process exit code."""
+    return asyncio.run(Daemon(config).run())

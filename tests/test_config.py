@@ -1,0 +1,84 @@
+"""The daemon's YAML config: defaults, overrides, and errors that name the bad key."""
+import subprocess
+import sys
+
+import pytest
+
+from serving.server.config import DEFAULT_MAX_WAITING, ConfigError, config_from_dict, load_config
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_defaults_bound_the_queue():
+    config = load_config(None)
+    engine = config.engine_config()
+    assert (config.host, config.grpc_port, config.http_port) == ("127.0.0.1", 50051, 8000)
+    assert engine.max_waiting == DEFAULT_MAX_WAITING and engine.model is None
+
+
+def test_shipped_example_is_valid():
+    config = load_config(str(REPO_ROOT / "frugal.yaml"))
+    engine = config.engine_config()
+    assert engine.kv_cache_memory_bytes == 1 << 30 and engine.max_waiting == 256 and config.log_level == "INFO"
+
+
+def test_file_values_and_cli_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("grpc_port: 6000\nhttp_port: null\nlog_level: debug\nengine:\n"
+                    "  kv_cache_memory_bytes: 96MiB\n  max_model_len: 1024\n  enable_prefix_caching: false\n"
+                    "  max_waiting: 8\n  tenant_weights: {a: 2}\n")
+    config = load_config(str(path), {"grpc_port": 7000, "host": None})
+    engine = config.engine_config()
+    assert config.grpc_port == 7000 and config.host == "127.0.0.1" and config.http_port is None
+    assert config.log_level == "DEBUG"
+    assert engine.kv_cache_memory_bytes == 96 << 20 and engine.max_model_len == 1024
+    assert engine.enable_prefix_caching is False and engine.max_waiting == 8 and engine.tenant_weights == {"a": 2.0}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"grpc_prot": 1}, "unknown key grpc_prot"),
+    ({"engine": {"max_num_seq": 4}}, "unknown key engine.max_num_seq"),
+    ({"engine": {"model": "x"}}, "unknown key engine.model"),
+    ({"grpc_port": "50051"}, "grpc_port must be an integer"),
+    ({"grpc_port": 70000}, "grpc_port must be an integer in [0, 65535]"),
+    ({"http_port": True}, "http_port must be an integer"),
+    ({"host": ""}, "host must be a non-empty string"),
+    ({"drain_grace_s": -1}, "drain_grace_s must be a number >= 0"),
+    ({"log_level": "LOUD"}, "log_level must be one of"),
+    ({"engine": {"max_waiting": 0}}, "engine.max_waiting must be an integer >= 1"),
+    ({"engine": {"enable_prefix_caching": "yes"}}, "engine.enable_prefix_caching must be true or false"),
+    ({"engine": {"kv_cache_memory_bytes": "lots"}}, "engine.kv_cache_memory_bytes must be a positive number"),
+    ({"engine": {"max_model_len": 1.5}}, "engine.max_model_len must be an integer"),
+    ({"engine": {"dtype": "int3"}}, "engine.dtype must be one of"),
+    ({"engine": {"tenant_weights": {"a": -1}}}, "engine.tenant_weights must map"),
+    ({"engine": [1, 2]}, "engine must be a mapping"),
+    ({"model": "/no/such/model.gguf"}, "model: no such file"),
+    ({"grpc_port": 9000, "http_port": 9000}, "http_port and grpc_port must differ"),
+])
+def test_errors_name_the_key(raw, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert message in str(err.value)
+
+
+def test_bad_override_and_bad_files_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="grpc_port"):
+        config_from_dict({}, {"grpc_port": -1})
+    path = tmp_path / "bad.yaml"
+    path.write_text("engine: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(path))
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_serve_refuses_a_bad_config_before_loading_anything(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("engine:\n  max_waitng: 4\n")
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--config", str(path)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "engine.max_waitng" in result.stderr and "engine.max_waiting" in result.stderr

@@ -1,0 +1,52 @@
+"""The engine on packed weights: the bundled Q4_1 model stays packed under quantization="auto", and its greedy
+outputs agree with the same weights dequantized to fp32."""
+import pytest
+
+from serving import LLM, SamplingParams
+from serving.config import EngineConfig
+from serving.loaders import load_model
+from serving.quant.install import quant_summary
+from serving.quant.linear import QuantLinear
+
+PROMPTS = [
+    "The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village by the sea,",
+    "1, 2, 3, 4, 5,", "Translate to French: Good morning, how are you?", "The three laws of thermodynamics are",
+    "SELECT name FROM users WHERE", "In 1969, the first humans", "Write a haiku about autumn.",
+    "Give me three tips for writing clear emails.", "Explain what a KV cache is.", "The best way to learn Python is",
+    "Photosynthesis is the process by which", "Dear hiring manager,", "The stock market crashed in 1929 because",
+    "Here is a recipe for pancakes:",
+]
+MAX_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def packed_model():
+    return load_model(quantization="auto")
+
+
+def test_auto_keeps_the_bundled_q4_1_weights_packed(packed_model, loaded_model):
+    layers = [m for m in packed_model.model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 4 * packed_model.args.num_layers
+    qkv = packed_model.model.layers[0].self_attn.qkv_proj
+    assert (qkv.format, qkv.group_size, qkv.out_features, qkv.in_features) == ("int4", 32, 960, 576)
+    packed, dense = quant_summary(packed_model.model), quant_summary(loaded_model.model)
+    # NOTE: the embedding (also the tied lm_head) stays fp32; it is most of what is left
+    assert packed["total_bytes"] <= 0.35 * dense["total_bytes"]
+
+
+def test_quantization_field_is_validated():
+    with pytest.raises(ValueError, match="quantization must be one of none, auto, int4-g32"):
+        EngineConfig(quantization="int3")
+
+
+def test_packed_greedy_outputs_agree_with_dequantized(packed_model, make_llm, record_property):
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    reference = [o.token_ids for o in make_llm().generate(PROMPTS, params)]
+    packed_llm = LLM(loaded=packed_model, quantization="auto", kv_cache_memory_bytes=96 << 20, max_model_len=1024)
+    packed = [o.token_ids for o in packed_llm.generate(PROMPTS, params)]
+    num_same = sum(a == b for ref, out in zip(reference, packed) for a, b in zip(ref, out))
+    num_exact = sum(ref == out for ref, out in zip(reference, packed))
+    rate = num_same / (len(PROMPTS) * MAX_TOKENS)
+    record_property("greedy_agreement", rate)
+    print(f"packed vs dequantized: {100 * rate:.1f}% of tokens agree, {num_exact}/{len(PROMPTS)} sequences exact")
+    assert rate >= 0.95
