@@ -38,6 +38,13 @@ def test_round_trip_error_is_within_half_a_step(fmt, n, k):
         assert qw.qweight.dtype == torch.int8 and qw.scales.shape == (n, 1) and qw.mins is None
 
 
+def test_group_size_falls_back_to_one_that_divides_k():
+    assert quantize(torch.randn(4, 576), "int4-g128").group_size == 64
+    assert quantize(torch.randn(4, 1536), "int4-g128").group_size == 128
+    with pytest.raises(ValueError, match="divide K"):
+        quantize(torch.randn(4, 48), "int4-g32")
+
+
 def test_dequantize_is_the_documented_formula():
     qw = quantize_int4(torch.randn(4, 64), 32)
     q = unpack_nibbles(qw.qweight).float()

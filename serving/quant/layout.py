@@ -128,11 +128,17 @@ def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
 
 
 def quantize(weight: torch.Tensor, fmt: str) -> QuantizedWeight:
-    """`fmt` is a quantization name as EngineConfig spells it: "int4-g32", "int4-g64", "int4-g128", "int8"."""
+    """`fmt` is a quantization name as EngineConfig spells it: "int4-g32", "int4-g64", "int4-g128", "int8".
+
+    NOTE: for int4 the group size is an upper bound: a K it does not divide takes the largest allowed group
+    size that does (SmolLM2's K = 576 with int4-g128 gets g64), so one format serves every layer of a model.
+    """
     if fmt == "int8":
         return quantize_int8(weight)
-    if fmt.startswith("int4-g") and fmt[6:].isdigit():
-        return quantize_int4(weight, int(fmt[6:]))
+    if fmt.startswith("int4-g") and fmt[6:].isdigit() and int(fmt[6:]) in INT4_GROUP_SIZES:
+        k = weight.shape[1]
+        fitting = [g for g in INT4_GROUP_SIZES if g <= int(fmt[6:]) and k % g == 0]
+        return quantize_int4(weight, fitting[-1] if fitting else int(fmt[6:]))
     raise ValueError(f"unknown quantization format {fmt!r}; allowed: int4-g32, int4-g64, int4-g128, int8")
 
 
