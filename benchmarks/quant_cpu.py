@@ -6,7 +6,8 @@ of the packed int4 model against fp32, in one run.
 Part 1 times every CPU path of serving/quant/linear.py on SmolLM2-135M's shapes (N x K) at M = 1, 32, 64,
 256 rows, beside fp32 `F.linear` on the same weight. In isolation a 2-8 MB fp32 weight stays in the CPU cache,
 so this table flatters fp32; part 2 is the real figure: whole-model greedy decode through the engine at batch
-1 and batch 32, bundled Q4_1 weights kept packed ("auto") against the same weights dequantized ("none").
+1 and batch 32, bundled Q4_1 weights kept packed ("auto": int4 linears, the Q8_0 embedding as int8 shared
+with the tied lm_head) against the same weights dequantized to fp32 ("none").
 """
 from __future__ import annotations
 
@@ -98,8 +99,8 @@ def model_comparison(max_tokens: int, batches=(1, 32)) -> None:
     print(f"{'':34} {'fp32':>12} {'int4':>12} {'ratio':>7}")
     print(f"{'weight memory (MiB)':34} {base_mem['total_bytes'] / 2**20:>12.1f} {mem['total_bytes'] / 2**20:>12.1f} "
           f"{mem['total_bytes'] / base_mem['total_bytes']:>7.2f}")
-    print(f"{'  of which packed linears (MiB)':34} {'':>12} {mem['packed_bytes'] / 2**20:>12.1f}")
-    print(f"{'  of which float: embedding, norms':34} {'':>12} {mem['float_bytes'] / 2**20:>12.1f}")
+    print(f"{'  packed: int4 linears, int8 embed':34} {'':>12} {mem['packed_bytes'] / 2**20:>12.1f}")
+    print(f"{'  float: norms (and any float layer)':34} {'':>12} {mem['float_bytes'] / 2**20:>12.1f}")
     for batch in batches:
         print(f"{f'decode tok/s, batch {batch}':34} {base_speed[batch]:>12.1f} {speed[batch]:>12.1f} "
               f"{speed[batch] / base_speed[batch]:>7.2f}")

@@ -16,7 +16,10 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "weight_quant_cpu.cpp")
 # NOTE: no -ffast-math and no FMA contraction: dequantization must round exactly as the torch reference does.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"]
+# -fopenmp makes at::parallel_for parallel (without it the pragma is dropped and the loops run on one thread);
+# libgomp.so.1 resolves to the copy torch has already loaded, so there is one OpenMP runtime.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+_LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _module = None
 _failed = False
@@ -36,7 +39,7 @@ def weight_quant_kernels():
                 from torch.utils.cpp_extension import load
 
                 _module = load(name="frugal_weight_quant_cpu", sources=[_SOURCE], extra_cflags=_CFLAGS,
-                               verbose=False)
+                               extra_ldflags=_LDFLAGS, verbose=False)
             except Exception as e:  # no compiler, no ninja, read-only cache...
                 logger.warning("CPU weight-quant kernels unavailable, using dequantize + matmul: %s", e)
                 _failed = True
@@ -56,11 +59,19 @@ def quant_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                                                group_size, int4)
 
 
-def dequant_cpu(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                group_size: int) -> torch.Tensor:
-    """The packed weight as fp32 [N, K], bit-identical to quant_linear_cpu_ref's dequantization."""
+def dequant_cpu(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group_size: int,
+                out: torch.Tensor | None = None, split: bool = False) -> torch.Tensor:
+    """The packed weight as fp32 [N, K] (into `out` when given), bit-identical to dequant_ref; with `split`
+    (int4) its columns are in `split_columns` order."""
     int4 = mins is not None
-    return weight_quant_kernels().dequant(qweight, scales, mins if int4 else _no_mins(scales), group_size, int4)
+    return weight_quant_kernels().dequant(qweight, scales, mins if int4 else _no_mins(scales), group_size, int4,
+                                          out, split)
+
+
+def split_columns(x: torch.Tensor) -> torch.Tensor:
+    """[M, K] -> each 16 columns reordered as [k, k+2, ..., k+14, k+1, ..., k+15] (dequant_cpu's split order)."""
+    m, k = x.shape
+    return x.reshape(m, k // 16, 8, 2).transpose(2, 3).reshape(m, k)
 
 
 def dequant_ref(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,

@@ -1,12 +1,13 @@
 """The engine on packed weights: the bundled Q4_1 model stays packed under quantization="auto", and its greedy
 outputs agree with the same weights dequantized to fp32."""
 import pytest
+import torch
 
 from serving import LLM, SamplingParams
 from serving.config import EngineConfig
 from serving.loaders import load_model
 from serving.quant.install import quant_summary
-from serving.quant.linear import QuantLinear
+from serving.quant.linear import QuantEmbedding, QuantLinear
 
 PROMPTS = [
     "The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village by the sea,",
@@ -25,12 +26,18 @@ def packed_model():
 
 
 def test_auto_keeps_the_bundled_q4_1_weights_packed(packed_model, loaded_model):
-    layers = [m for m in packed_model.model.modules() if isinstance(m, QuantLinear)]
+    model = packed_model.model
+    layers = [m for m in model.layers.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 4 * packed_model.args.num_layers
-    qkv = packed_model.model.layers[0].self_attn.qkv_proj
+    qkv = model.layers[0].self_attn.qkv_proj
     assert (qkv.format, qkv.group_size, qkv.out_features, qkv.in_features) == ("int4", 32, 960, 576)
-    packed, dense = quant_summary(packed_model.model), quant_summary(loaded_model.model)
-    # NOTE: the embedding (also the tied lm_head) stays fp32; it is most of what is left
+    # the Q8_0 embedding stays packed too, and the tied lm_head reads the same int8 tensors
+    assert isinstance(model.embed_tokens, QuantEmbedding)
+    assert model.lm_head.qw.qweight.data_ptr() == model.embed_tokens.qw.qweight.data_ptr()
+    assert (model.lm_head.format, model.lm_head.out_features) == ("int8", packed_model.args.vocab_size)
+    assert torch.equal(model.embed_tokens(torch.tensor([0, 7, 49151])),
+                       loaded_model.model.embed_tokens(torch.tensor([0, 7, 49151])))
+    packed, dense = quant_summary(model), quant_summary(loaded_model.model)
     assert packed["total_bytes"] <= 0.35 * dense["total_bytes"]
 
 

@@ -4,7 +4,7 @@ import torch
 
 import serving.quant.linear as quant_linear
 from kernels.weight_quant_cpu import (dequant_cpu, dequant_ref, quant_linear_cpu, quant_linear_cpu_ref,
-                                      weight_quant_kernels)
+                                      split_columns, weight_quant_kernels)
 from serving.quant.layout import dequantize, quantize
 from serving.quant.linear import QuantLinear
 
@@ -21,6 +21,8 @@ def test_kernel_matches_reference(n, k, fmt):
     args = (qw.qweight, qw.scales, qw.mins, qw.group_size)
     assert torch.equal(dequant_cpu(*args), dequant_ref(*args))
     assert torch.equal(dequant_ref(*args), dequantize(qw))
+    if qw.format == "int4":  # the split column order is a pure permutation of the same values
+        assert torch.equal(dequant_cpu(*args, split=True), split_columns(dequantize(qw)))
     rows = []
     for m in (1, 3, 17):
         x = torch.randn(m, k)
@@ -54,3 +56,17 @@ def test_path_choice_and_errors():
     assert QuantLinear(qw, cpu_path="dequant").weight_nbytes == qw.nbytes
     with pytest.raises(ValueError, match="cpu quant path must be one of kernel, fbgemm"):
         QuantLinear(qw, cpu_path="magic")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", ["int4-g32", "int4-g128", "int8"])
+def test_gpu_path_matches_dequantized_linear(fmt):
+    qw = quantize(torch.randn(96, 256) * 0.05, fmt)
+    layer = QuantLinear(qw, dtype=torch.float16, device="cuda")
+    assert layer.path in ("triton", "dequant")
+    x = torch.randn(5, 256, device="cuda", dtype=torch.float16)
+    ref = torch.nn.functional.linear(x.float(), dequantize(qw).cuda())
+    y = layer(x)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)

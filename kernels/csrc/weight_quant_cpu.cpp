@@ -17,15 +17,27 @@
 
 namespace {
 
+// NOTE: rows per thread are sized so each thread gets at least this many weights: waking a second OpenMP
+// thread costs more than dequantizing a 576 x 1024 tile (measured: 2 threads slower than 1 below ~1M weights).
+constexpr int64_t kWeightsPerThread = int64_t{1} << 21;
 constexpr int64_t kRows = 4;  // portable loop: output rows dequantized into a buffer and dotted together
 
 // One row of weights -> fp32. int4: qweight row of K/2 bytes (even k low nibble); int8: K int8 codes.
+// With `split` (int4, G % 16 == 0) each 16 weights come out as [k, k+2, ..., k+14, k+1, ..., k+15].
 void dequant_row(const uint8_t* q, const at::Half* scales, const at::Half* mins, int64_t K, int64_t G,
-                 bool int4, float* out) {
+                 bool int4, float* out, bool split = false) {
   for (int64_t g = 0; g < K / G; ++g) {
     const float s = static_cast<float>(scales[g]);
     float* o = out + g * G;
-    if (int4) {
+    if (int4 && split) {
+      const float m = static_cast<float>(mins[g]);
+      const uint8_t* qg = q + g * G / 2;
+      for (int64_t c = 0; c < G / 16; ++c)
+        for (int64_t j = 0; j < 8; ++j) {
+          o[16 * c + j] = static_cast<float>(qg[8 * c + j] & 0x0F) * s + m;
+          o[16 * c + 8 + j] = static_cast<float>(qg[8 * c + j] >> 4) * s + m;
+        }
+    } else if (int4) {
       const float m = static_cast<float>(mins[g]);
       const uint8_t* qg = q + g * G / 2;
 #pragma omp simd
@@ -91,9 +103,21 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(x);
 }
 
+// One row -> fp32 (natural or split order). NOTE: noinline, here and below: inlined into the OpenMP-outlined
+// parallel_for body, the loops compiled about 3x slower (measured).
+__attribute__((noinline)) void dequant_row_avx2(const uint8_t* row, const at::Half* scales, const at::Half* mins,
+                                                int64_t K, int64_t G, bool int4, bool split, float* out) {
+  __m256 w[4];
+  for (int64_t k = 0; k < K; k += 32) {
+    load32(row, scales, mins, k, G, int4, w, split);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + k + 8 * i, w[i]);
+  }
+}
+
 // y[:, n] for one row n: four accumulators per activation row break the FMA dependency chain.
-void row_dot_avx2(const uint8_t* row, const at::Half* scales, const at::Half* mins, const float* x, int64_t M,
-                  int64_t K, int64_t G, bool int4, float* y, int64_t ldy, std::vector<__m256>& acc) {
+__attribute__((noinline)) void row_dot_avx2(const uint8_t* row, const at::Half* scales, const at::Half* mins,
+                                            const float* x, int64_t M, int64_t K, int64_t G, bool int4, float* y,
+                                            int64_t ldy, std::vector<__m256>& acc) {
   __m256 w[4];
   if (M == 1) {  // decode: accumulators stay in registers
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -159,7 +183,8 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
     // int4: de-interleave each 16 activations into [even k, odd k] to match load16_int4_split
     const torch::Tensor xs = int4 ? x.reshape({M, K / 16, 8, 2}).transpose(2, 3).contiguous() : x;
     xp = xs.data_ptr<float>();
-    at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(8, kWeightsPerThread / K);
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       std::vector<__m256> acc(4 * M);
       for (int64_t n = begin; n < end; ++n)
         row_dot_avx2(qp + n * row_bytes, sp + n * num_groups, int4 ? mp + n * num_groups : nullptr, xp, M, K, G,
@@ -169,7 +194,8 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
   }
 #endif
   const int64_t num_blocks = (N + kRows - 1) / kRows;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_blocks, std::max<int64_t>(1, kWeightsPerThread / (kRows * K)), [&](int64_t begin,
+                                                                                               int64_t end) {
     std::vector<float> buf(kRows * K, 0.0f);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * kRows, rows = std::min(kRows, N - n0);
@@ -197,30 +223,35 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
   return y;
 }
 
-// The whole weight as fp32 [N, K] (for large batches, where a float GEMM beats the fused loop).
-torch::Tensor dequant(torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins, int64_t group_size, bool int4) {
+// The weight as fp32 [N, K] (for large batches, where a float GEMM beats the fused loop), written into `w`
+// when it is given (a reused tile buffer: a fresh multi-MB allocation costs page faults on every call).
+// With `split` (int4 only) the columns come in the de-interleaved order of dequant_row: the caller permutes the
+// activations' columns the same way, which saves the interleaving shuffles.
+torch::Tensor dequant(torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins, int64_t group_size, bool int4,
+                      c10::optional<torch::Tensor> out, bool split) {
   const int64_t N = qweight.size(0), K = int4 ? qweight.size(1) * 2 : qweight.size(1), G = group_size;
   check(qweight, scales, mins, K, G, int4);
-  auto w = torch::empty({N, K}, scales.options().dtype(at::kFloat));
+  split = split && int4;
+  TORCH_CHECK(!split || G % 16 == 0, "split order needs a group size that is a multiple of 16");
+  torch::Tensor w = out.has_value() ? *out : torch::empty({N, K}, scales.options().dtype(at::kFloat));
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kFloat && w.size(0) == N && w.size(1) == K,
+              "out must be contiguous fp32 [N, K]");
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
   const at::Half* sp = scales.data_ptr<at::Half>();
   const at::Half* mp = int4 ? mins.data_ptr<at::Half>() : nullptr;
   float* wp = w.data_ptr<float>();
   const int64_t row_bytes = int4 ? K / 2 : K, num_groups = K / G;
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, std::max<int64_t>(16, kWeightsPerThread / K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
 #ifdef __AVX2__
       if (G % 32 == 0) {
-        __m256 w[4];
-        for (int64_t k = 0; k < K; k += 32) {
-          load32(qp + n * row_bytes, sp + n * num_groups, int4 ? mp + n * num_groups : nullptr, k, G, int4, w);
-          for (int i = 0; i < 4; ++i) _mm256_storeu_ps(wp + n * K + k + 8 * i, w[i]);
-        }
+        dequant_row_avx2(qp + n * row_bytes, sp + n * num_groups, int4 ? mp + n * num_groups : nullptr, K, G, int4,
+                         split, wp + n * K);
         continue;
       }
 #endif
       dequant_row(qp + n * row_bytes, sp + n * num_groups, int4 ? mp + n * num_groups : nullptr, K, G, int4,
-                  wp + n * K);
+                  wp + n * K, split);
     }
   });
   return w;
@@ -228,5 +259,6 @@ torch::Tensor dequant(torch::Tensor qweight, torch::Tensor scales, torch::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "weight-only quantized linear, fp32 activations");
-  m.def("dequant", &dequant, "packed weight -> fp32");
+  m.def("dequant", &dequant, "packed weight -> fp32", py::arg("qweight"), py::arg("scales"), py::arg("mins"),
+        py::arg("group_size"), py::arg("int4"), py::arg("out") = py::none(), py::arg("split") = false);
 }

@@ -1,6 +1,7 @@
 """GGUF checkpoints (llama.cpp's format) read with the `gguf` package.
 
-Weights are dequantized to the compute dtype here. Two details matter for exactness:
+Weights are dequantized to the compute dtype here, unless a quantization policy keeps them packed
+(serving/quant/gguf_import.py). Two details matter for exactness:
 - llama.cpp's converter permutes the rows of Q and K so its RoPE can rotate adjacent pairs; our RoPE (like
   transformers') rotates the two halves of each head, so the permutation is undone on load.
 - GGUF lists dimensions fastest-first; `gguf.quants.dequantize` already returns torch's [out, in] order.
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from serving.models.llama import ModelArgs
-from serving.quant.gguf_import import gguf_tensor_to_weight
+from serving.quant.gguf_import import LOSSLESS_TYPES, gguf_tensor_to_weight, import_gguf_blocks
 from serving.quant.install import fuse_rows, permute_rows
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,11 @@ def load_gguf_state_dict(reader, args: ModelArgs, quantization: str = "none") ->
         try:
             if quantization != "none" and _is_linear(tensor):
                 raw[tensor.name] = gguf_tensor_to_weight(tensor, quantization)
+            elif quantization == "auto" and tensor.name == "token_embd.weight" and \
+                    tensor.tensor_type.name in LOSSLESS_TYPES:
+                # NOTE: only a losslessly packed table stays packed; a K-quant embedding is not requantized
+                raw[tensor.name] = import_gguf_blocks(tensor.tensor_type.name, tensor.data,
+                                                      (int(tensor.shape[1]), int(tensor.shape[0])))
             else:
                 raw[tensor.name] = _dequantize(tensor)
         except Exception as e:

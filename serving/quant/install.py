@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from serving.quant.layout import QuantizedWeight, concat_rows, dequantize, quantize
-from serving.quant.linear import QuantLinear
+from serving.quant.linear import QuantEmbedding, QuantLinear
 
 # EngineConfig.quantization values (see serving/config.py)
 QUANTIZATION_POLICIES = ("none", "auto", "int4-g32", "int4-g64", "int4-g128", "int8")
@@ -58,13 +58,20 @@ def install(model: nn.Module, state: dict, dtype: torch.dtype, device: str | tor
             cpu_path: str | None = None) -> dict:
     """Swaps in a QuantLinear for every QuantizedWeight in `state`; returns the float rest of the state.
 
-    Packed weights that stand in for non-linear tensors (an embedding) are dequantized to `dtype`.
+    A packed token embedding becomes a QuantEmbedding and, when the lm_head is tied to it, also a QuantLinear
+    lm_head over the same tensors (the logits GEMV then reads int8, not fp32). Other packed weights that
+    stand in for non-linear tensors are dequantized to `dtype`.
     """
     rest = {}
     linears = linear_weight_names(model)
     for name, value in state.items():
         if not isinstance(value, QuantizedWeight):
             rest[name] = value
+        elif name == "embed_tokens.weight":
+            tied = model.lm_head is None
+            model.embed_tokens = QuantEmbedding(value, dtype, device, shared_with_lm_head=tied)
+            if tied:
+                model.lm_head = QuantLinear(model.embed_tokens.qw, dtype=dtype, device=device, cpu_path=cpu_path)
         elif name not in linears:
             rest[name] = dequantize(value, dtype)
     for name, value in state.items():
@@ -79,7 +86,7 @@ def install(model: nn.Module, state: dict, dtype: torch.dtype, device: str | tor
 
 
 def quant_summary(model: nn.Module) -> dict[str, int]:
-    """Weight bytes held by the model: packed linear layers, and float parameters (embedding, norms, biases)."""
-    packed = sum(m.weight_nbytes for m in model.modules() if isinstance(m, QuantLinear))
+    """Weight bytes held by the model: packed layers (a tied embedding counted once), and float parameters."""
+    packed = sum(m.weight_nbytes for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding)))
     dense = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"packed_bytes": packed, "float_bytes": dense, "total_bytes": packed + dense}

@@ -13,22 +13,32 @@ GPU: "triton" calls kernels.quant_matmul's fused dequant-matmul when that module
 from __future__ import annotations
 
 import importlib
+import threading
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.weight_quant_cpu import dequant_cpu, quant_linear_cpu, weight_quant_kernels
+from kernels.weight_quant_cpu import dequant_cpu, quant_linear_cpu, split_columns, weight_quant_kernels
 from serving.quant.layout import QuantizedWeight, dequantize, unpack_nibbles
 
 CPU_PATHS = ("kernel", "fbgemm", "int4pack", "dequant")
-GPU_PATHS = ("triton", "dequant")
-# NOTE: measured in benchmarks/quant_cpu.py: fbgemm is the fastest but quantizes activations per tensor and
-# fails the greedy-agreement gate; int4pack rounds activations and outputs to bf16 (about 86% agreement).
-# "kernel" keeps fp32 activations (exact up to summation order) and is the default where it compiles.
+# NOTE: measured in benchmarks/quant_cpu.py: fbgemm is the fastest per layer but quantizes activations per
+# tensor, and the bundled model's greedy outputs diverge at once (0% token agreement); int4pack rounds
+# activations and outputs to bf16 (86% agreement, slower than fp32 at M >= 32). "kernel" keeps fp32
+# activations (100% agreement on the engine test) and is the default wherever the extension compiles.
 DEFAULT_CPU_PATH = "kernel"
 KERNEL_MAX_M = 8  # above this many rows a dequantize + float GEMM beats the fused loop (quant_cpu table)
+KERNEL_TILE_ROWS = 4096  # rows dequantized per GEMM above KERNEL_MAX_M: whole layers, the lm_head in tiles
+_tile_buffers = threading.local()  # per thread: one fp32 buffer reused for every tile (fresh MBs page-fault)
+
+
+def _tile_buffer(numel: int) -> torch.Tensor:
+    buffer = getattr(_tile_buffers, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _tile_buffers.buffer = torch.empty(numel)
+    return buffer[:numel]
 
 
 def _triton_ops():
@@ -108,10 +118,24 @@ class QuantLinear(nn.Module):
         return F.linear(x, dequantize(self.qw, x.dtype))
 
     def _mm_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        qw = self.qw
-        if x.shape[0] > KERNEL_MAX_M:
-            return F.linear(x.float(), dequant_cpu(qw.qweight, qw.scales, qw.mins, qw.group_size))
-        return quant_linear_cpu(x.float(), qw.qweight, qw.scales, qw.mins, qw.group_size)
+        qw, x = self.qw, x.float()
+        if x.shape[0] <= KERNEL_MAX_M:
+            return quant_linear_cpu(x, qw.qweight, qw.scales, qw.mins, qw.group_size)
+        # Larger batches: dequantize up to KERNEL_TILE_ROWS rows into a reused buffer, then the same float GEMM
+        # as an unquantized layer. int4 tiles come out with their columns de-interleaved (no shuffles), and
+        # x's columns follow suit.
+        split = qw.format == "int4" and qw.group_size % 16 == 0
+        x = split_columns(x) if split else x
+        n, k = qw.shape
+        outs = []
+        for n0 in range(0, n, KERNEL_TILE_ROWS):
+            rows = slice(n0, n0 + KERNEL_TILE_ROWS)
+            num_rows = min(n, n0 + KERNEL_TILE_ROWS) - n0
+            mins = None if qw.mins is None else qw.mins[rows]
+            tile = dequant_cpu(qw.qweight[rows], qw.scales[rows], mins, qw.group_size,
+                               out=_tile_buffer(num_rows * k).view(num_rows, k), split=split)
+            outs.append(F.linear(x, tile))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _mm_fbgemm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed)
@@ -140,3 +164,25 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
                 f"group_size={self.group_size}, path={self.path}")
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding over a QuantizedWeight (a GGUF Q8_0 table imported as is): looked-up rows are dequantized.
+
+    `weight_nbytes` is 0 when `shared_with_lm_head`: the tied lm_head QuantLinear holds the same tensors.
+    """
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 shared_with_lm_head: bool = False):
+        super().__init__()
+        self.qw = qw.to(device)  # [vocab, hidden] in our layout
+        self.dtype = dtype
+        self.shared_with_lm_head = shared_with_lm_head
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qw.select_rows(token_ids.reshape(-1))
+        return dequantize(rows, self.dtype).reshape(*token_ids.shape, self.qw.shape[1])
+
+    @property
+    def weight_nbytes(self) -> int:
+        return 0 if self.shared_with_lm_head else self.qw.nbytes

@@ -44,7 +44,7 @@ def prompt_logits(model, token_ids: list[int]) -> torch.Tensor:
     num_tokens = len(token_ids)
     device = next(model.parameters()).device
     num_blocks = (num_tokens + _BLOCK_SIZE - 1) // _BLOCK_SIZE
-    dtype = model.embed_tokens.weight.dtype
+    dtype = model.norm.weight.dtype
     shape = (num_blocks, _BLOCK_SIZE, args.num_kv_heads, args.head_dim)
     kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                  for _ in range(args.num_layers)]
