@@ -12,30 +12,51 @@ import threading
 logger = logging.getLogger(__name__)
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-# -ffast-math lets the exp loop vectorize (glibc's vector math); infinities stay meaningful.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffast-math", "-fno-finite-math-only"]
-_lock = threading.Lock()
-_module = None
-_failed = False
+# -ffast-math lets the exp loop vectorize (glibc's vector math); infinities stay meaningful. -fopenmp makes
+# at::parallel_for parallel: without it the pragma inside it is dropped and the kernel runs on one thread
+# (libgomp.so.1 resolves to the copy torch already loaded, so there is one OpenMP runtime).
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
+_LDFLAGS = ["-fopenmp"]
+
+
+class LazyExtension:
+    """A torch C++ extension built on first use; `get()` returns the module, or None when FRUGAL_CPU_KERNELS=0
+    or the build failed (logged once, then callers take their fallback path)."""
+
+    def __init__(self, name: str, sources: list[str], cflags: list[str], ldflags: list[str] | None = None,
+                 fallback: str = "the torch path"):
+        self.name = name
+        self.sources = sources
+        self.cflags = cflags
+        self.ldflags = ldflags or []
+        self.fallback = fallback
+        self._lock = threading.Lock()
+        self._module = None
+        self._failed = False
+
+    def get(self):
+        if self._module is not None or self._failed:
+            return self._module
+        if os.environ.get("FRUGAL_CPU_KERNELS", "1") == "0":
+            self._failed = True
+            return None
+        with self._lock:
+            if self._module is None and not self._failed:
+                try:
+                    from torch.utils.cpp_extension import load
+
+                    self._module = load(name=self.name, sources=self.sources, extra_cflags=self.cflags,
+                                        extra_ldflags=self.ldflags, verbose=False)
+                except Exception as e:  # no compiler, no ninja, read-only cache...
+                    logger.warning("%s unavailable, using %s: %s", self.name, self.fallback, e)
+                    self._failed = True
+        return self._module
+
+
+_paged_attention = LazyExtension("frugal_cpu_kernels", [os.path.join(_CSRC, "paged_attention_cpu.cpp")], _CFLAGS,
+                                 _LDFLAGS)
 
 
 def cpu_kernels():
-    """The compiled module, or None when disabled or the build failed (logged once)."""
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
-    if os.environ.get("FRUGAL_CPU_KERNELS", "1") == "0":
-        _failed = True
-        return None
-    with _lock:
-        if _module is None and not _failed:
-            try:
-                from torch.utils.cpp_extension import load
-
-                _module = load(name="frugal_cpu_kernels",
-                               sources=[os.path.join(_CSRC, "paged_attention_cpu.cpp")],
-                               extra_cflags=_CFLAGS, verbose=False)
-            except Exception as e:  # no compiler, no ninja, read-only cache...
-                logger.warning("CPU kernels unavailable, using the torch path: %s", e)
-                _failed = True
-    return _module
+    """The compiled paged-attention module, or None when disabled or the build failed."""
+    return _paged_attention.get()

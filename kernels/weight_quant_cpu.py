@@ -6,13 +6,11 @@ dequantize-then-matmul. Launchers check shapes; `quant_linear_cpu_ref` is the pu
 """
 from __future__ import annotations
 
-import logging
 import os
-import threading
 
 import torch
 
-logger = logging.getLogger(__name__)
+from kernels.cpu_ops import LazyExtension
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "weight_quant_cpu.cpp")
 # NOTE: no -ffast-math and no FMA contraction: dequantization must round exactly as the torch reference does.
@@ -20,30 +18,13 @@ _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "weight_quant_cpu.cpp"
 # libgomp.so.1 resolves to the copy torch has already loaded, so there is one OpenMP runtime.
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 _LDFLAGS = ["-fopenmp"]
-_lock = threading.Lock()
-_module = None
-_failed = False
+_extension = LazyExtension("frugal_weight_quant_cpu", [_SOURCE], _CFLAGS, _LDFLAGS,
+                           fallback="dequantize + matmul")
 
 
 def weight_quant_kernels():
     """The compiled module, or None when disabled or the build failed (logged once)."""
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
-    if os.environ.get("FRUGAL_CPU_KERNELS", "1") == "0":
-        _failed = True
-        return None
-    with _lock:
-        if _module is None and not _failed:
-            try:
-                from torch.utils.cpp_extension import load
-
-                _module = load(name="frugal_weight_quant_cpu", sources=[_SOURCE], extra_cflags=_CFLAGS,
-                               extra_ldflags=_LDFLAGS, verbose=False)
-            except Exception as e:  # no compiler, no ninja, read-only cache...
-                logger.warning("CPU weight-quant kernels unavailable, using dequantize + matmul: %s", e)
-                _failed = True
-    return _module
+    return _extension.get()
 
 
 def _no_mins(scales: torch.Tensor) -> torch.Tensor:
