@@ -25,7 +25,8 @@ import os
 import torch
 
 from serving.loaders.gguf_loader import CheckpointError
-from serving.loaders.gptq_loader import assemble_llama_state, read_tensors
+from serving.loaders.gptq_loader import assemble_llama_state
+from serving.loaders.safetensors_loader import read_tensors
 from serving.models.llama import ModelArgs
 from serving.quant.layout import QuantizedWeight, quantize_int4
 

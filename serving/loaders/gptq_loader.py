@@ -21,7 +21,6 @@ Into our layout (serving/quant/layout.py):
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import os
 import torch
 
 from serving.loaders.gguf_loader import CheckpointError
+from serving.loaders.safetensors_loader import read_tensors
 from serving.models.llama import ModelArgs
 from serving.quant.install import fuse_rows
 from serving.quant.layout import INT4_GROUP_SIZES, QuantizedWeight, pack_nibbles, quantize_int4
@@ -124,21 +124,6 @@ def gptq_to_quantized(qweight, qzeros, scales, g_idx, bits: int, group_size: int
         return QuantizedWeight("int8", g, (q - 128).to(torch.int8), scales.T.contiguous(), None, (n, k))
     # NOTE: asymmetric 8-bit has no lossless home in our symmetric int8; keep it float.
     return gptq_dequantize(qweight, qzeros, scales, g_idx, bits, v1)
-
-
-def read_tensors(model_dir: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    raw: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            raw.update(load_file(path))
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path}: {e}") from e
-    return {k.removeprefix("model."): v for k, v in raw.items()}
 
 
 def _take_linear(raw: dict, name: str, cfg: dict, keep_packed: bool, model_dir: str

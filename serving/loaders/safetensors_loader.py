@@ -57,7 +57,8 @@ def hf_model_args(model_dir: str) -> ModelArgs:
     )
 
 
-def load_safetensors_state_dict(model_dir: str, args: ModelArgs) -> dict[str, torch.Tensor]:
+def read_tensors(model_dir: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's *.safetensors files, with HF's "model." prefix dropped."""
     from safetensors.torch import load_file
 
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
@@ -69,7 +70,11 @@ def load_safetensors_state_dict(model_dir: str, args: ModelArgs) -> dict[str, to
             raw.update(load_file(path))
         except Exception as e:
             raise CheckpointError(f"cannot read {path}: {e}") from e
-    raw = {k.removeprefix("model."): v for k, v in raw.items()}
+    return {k.removeprefix("model."): v for k, v in raw.items()}
+
+
+def load_safetensors_state_dict(model_dir: str, args: ModelArgs) -> dict[str, torch.Tensor]:
+    raw = read_tensors(model_dir)
 
     def take(name: str) -> torch.Tensor:
         if name not in raw:
