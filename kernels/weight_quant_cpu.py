@@ -1,14 +1,26 @@
-"""CPU weight-only quantized matmul (fp32 activations) over the packed layout of serving/quant/layout.py.
+"""CPU weight-only quantized matmul (fp32 activations) over a panel view of serving/quant/layout.py's layout.
+
+THE PANEL LAYOUT. The packed weight's rows (output features) are taken P at a time, P being the vector width
+the kernel was compiled for (16 with AVX-512, else 8), and each group of P rows is transposed so that one
+vector load reads one input feature for P outputs:
+    qweight  int4: uint8 [N_pad / P, K / 2, P]   byte [p, j, i] = the packed byte [p * P + i, j]: k = 2j in the
+                                                 low nibble, k = 2j + 1 in the high one, as in the packed layout
+             int8: int8  [N_pad / P, K, P]
+    scales   fp16 [N_pad / P, K / G, P]; mins likewise (int4)
+N is padded to a multiple of P with zero rows. It is a pure permutation of the packed bytes (no re-encoding):
+`pack_panels` builds it at load and `PanelWeight.rows` reads rows back in the packed layout.
 
 Compiled on first use like kernels/cpu_ops.py (torch C++ extension, cached under TORCH_EXTENSIONS_DIR);
 `weight_quant_kernels()` returns None when FRUGAL_CPU_KERNELS=0 or the build fails, and callers fall back to
-dequantize-then-matmul. Launchers check shapes; `quant_linear_cpu_ref` is the pure-torch reference.
+dequantize-then-matmul. The launcher checks shapes; `quant_linear_cpu_ref` is the pure-torch reference.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kernels.cpu_ops import LazyExtension
 
@@ -27,32 +39,54 @@ def weight_quant_kernels():
     return _extension.get()
 
 
-def _no_mins(scales: torch.Tensor) -> torch.Tensor:
-    return scales.new_empty(0)
+@dataclass(slots=True)
+class PanelWeight:
+    """A packed weight in the panel layout above, as the CPU kernel reads it."""
+
+    format: str  # "int4" or "int8"
+    group_size: int  # G: input features sharing one scale (and min)
+    qweight: torch.Tensor  # int4: uint8 [N_pad / P, K / 2, P]; int8: int8 [N_pad / P, K, P]
+    scales: torch.Tensor  # fp16 [N_pad / P, K / G, P]
+    mins: torch.Tensor | None  # int4: fp16 [N_pad / P, K / G, P]; int8: None
+    shape: tuple[int, int]  # (N, K) of the float weight, before padding
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.qweight, self.scales] + ([self.mins] if self.mins is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(qweight, scales, mins) of rows `index` back in the packed layout, e.g. for embedding lookups."""
+        width = self.qweight.shape[2]
+        panel, lane = index // width, index % width
+        mins = None if self.mins is None else self.mins[panel, :, lane]
+        return self.qweight[panel, :, lane], self.scales[panel, :, lane], mins
 
 
-def quant_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                     group_size: int) -> torch.Tensor:
-    """x: [M, K] fp32; qweight: int4 uint8 [N, K // 2] (mins given) or int8 [N, K] (mins None);
-    scales, mins: fp16 [N, K // group_size]  ->  [M, N] fp32. Needs the compiled module."""
-    int4 = mins is not None
-    return weight_quant_kernels().quant_linear(x, qweight, scales, mins if int4 else _no_mins(scales),
-                                               group_size, int4)
+def _to_panels(t: torch.Tensor, width: int) -> torch.Tensor:
+    # [N, C] -> zero-pad N to a multiple of width -> [N_pad / width, C, width]
+    n = t.shape[0]
+    t = F.pad(t, (0, 0, 0, -n % width)) if n % width else t
+    return t.reshape(-1, width, t.shape[1]).transpose(1, 2).contiguous()
 
 
-def dequant_cpu(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group_size: int,
-                out: torch.Tensor | None = None, split: bool = False) -> torch.Tensor:
-    """The packed weight as fp32 [N, K] (into `out` when given), bit-identical to dequant_ref; with `split`
-    (int4) its columns are in `split_columns` order."""
-    int4 = mins is not None
-    return weight_quant_kernels().dequant(qweight, scales, mins if int4 else _no_mins(scales), group_size, int4,
-                                          out, split)
+def pack_panels(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group_size: int,
+                shape: tuple[int, int], width: int | None = None) -> PanelWeight:
+    """The packed layout -> the panel layout (width defaults to the compiled kernel's vector width)."""
+    width = width or weight_quant_kernels().panel_width()
+    fmt = "int4" if mins is not None else "int8"
+    return PanelWeight(fmt, group_size, _to_panels(qweight, width), _to_panels(scales, width),
+                       None if mins is None else _to_panels(mins, width), shape)
 
 
-def split_columns(x: torch.Tensor) -> torch.Tensor:
-    """[M, K] -> each 16 columns reordered as [k, k+2, ..., k+14, k+1, ..., k+15] (dequant_cpu's split order)."""
-    m, k = x.shape
-    return x.reshape(m, k // 16, 8, 2).transpose(2, 3).reshape(m, k)
+def quant_linear_cpu(x: torch.Tensor, weight: PanelWeight) -> torch.Tensor:
+    """x: [M, K] fp32 -> [M, N] fp32. Needs the compiled module."""
+    n, k = weight.shape
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
+    int4 = weight.mins is not None
+    mins = weight.mins if int4 else weight.scales.new_empty(0)
+    return weight_quant_kernels().panel_linear(x, weight.qweight, weight.scales, mins, n, weight.group_size, int4)
 
 
 def dequant_ref(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,

@@ -2,15 +2,18 @@
 import pytest
 import torch
 
-import serving.quant.linear as quant_linear
-from kernels.weight_quant_cpu import (dequant_cpu, dequant_ref, quant_linear_cpu, quant_linear_cpu_ref,
-                                      split_columns, weight_quant_kernels)
+from kernels.weight_quant_cpu import (dequant_ref, pack_panels, quant_linear_cpu, quant_linear_cpu_ref,
+                                      weight_quant_kernels)
 from serving.quant.layout import dequantize, quantize
 from serving.quant.linear import QuantLinear
 
 needs_kernel = pytest.mark.skipif(weight_quant_kernels() is None, reason="CPU weight-quant kernel did not build")
-# (N, K, format): odd N, K that is a single group, and the portable (non-AVX2) path via int8 with K % 32 != 0
-SHAPES = [(37, 96, "int4-g32"), (960, 576, "int4-g64"), (5, 128, "int4-g128"), (33, 96, "int8"), (9, 40, "int8")]
+# (N, K, format): N that fills no panel / ends mid-panel / an odd number of panels, K that is a single group,
+# per-channel int8 with an odd K
+SHAPES = [(37, 96, "int4-g32"), (960, 576, "int4-g64"), (5, 128, "int4-g128"), (33, 96, "int8"), (9, 41, "int8"),
+          (48, 64, "int4-g32")]
+# every row count of the fused loop, both sides of it, and several blocks of the micro-kernel with a remainder
+ROWS = (1, 2, 3, 4, 5, 13, 40)
 
 
 @needs_kernel
@@ -19,24 +22,33 @@ def test_kernel_matches_reference(n, k, fmt):
     torch.manual_seed(0)
     qw = quantize(torch.randn(n, k), fmt)
     args = (qw.qweight, qw.scales, qw.mins, qw.group_size)
-    assert torch.equal(dequant_cpu(*args), dequant_ref(*args))
     assert torch.equal(dequant_ref(*args), dequantize(qw))
-    if qw.format == "int4":  # the split column order is a pure permutation of the same values
-        assert torch.equal(dequant_cpu(*args, split=True), split_columns(dequantize(qw)))
-    rows = []
-    for m in (1, 3, 17):
-        x = torch.randn(m, k)
-        y = quant_linear_cpu(x, *args)
+    panels = pack_panels(*args, qw.shape)
+    x = torch.randn(max(ROWS), k)
+    for m in ROWS:
+        y = quant_linear_cpu(x[:m], panels)
         assert y.shape == (m, n) and torch.isfinite(y).all()
-        torch.testing.assert_close(y, quant_linear_cpu_ref(x, *args), rtol=1e-5, atol=1e-4)
-        rows.append((x[0], y[0]))
-    # batch invariance: a row's result does not depend on what else is in the batch
-    x0 = torch.stack([rows[0][0], rows[1][0]])
-    assert torch.equal(quant_linear_cpu(x0[:1], *args)[0], quant_linear_cpu(x0, *args)[0])
+        torch.testing.assert_close(y, quant_linear_cpu_ref(x[:m], *args), rtol=1e-5, atol=1e-4)
+        # batch invariance within a path: a row's result does not depend on the other rows of the call
+        assert torch.equal(quant_linear_cpu(x[:m].flip(0), panels).flip(0), y)
+
+
+@needs_kernel
+def test_panels_are_a_permutation_of_the_packed_bytes():
+    qw = quantize(torch.randn(37, 64), "int4-g32")
+    panels = pack_panels(qw.qweight, qw.scales, qw.mins, qw.group_size, qw.shape, width=8)
+    assert panels.qweight.shape == (5, 32, 8) and panels.scales.shape == (5, 2, 8)
+    unpanelled = panels.qweight.transpose(1, 2).reshape(40, 32)
+    assert unpanelled[:37].equal(qw.qweight) and not unpanelled[37:].any()  # zero rows pad N to 40
+    index = torch.tensor([36, 0, 8, 17])
+    qweight, scales, mins = panels.rows(index)
+    assert qweight.equal(qw.qweight[index]) and scales.equal(qw.scales[index]) and mins.equal(qw.mins[index])
+    with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
+        quant_linear_cpu(torch.randn(2, 32), pack_panels(qw.qweight, qw.scales, qw.mins, 32, qw.shape))
 
 
 @pytest.mark.parametrize("path,tol", [("kernel", 1e-4), ("dequant", 0.0), ("int4pack", 0.05), ("fbgemm", 0.3)])
-@pytest.mark.parametrize("m", [1, 5, quant_linear.KERNEL_MAX_M + 3])
+@pytest.mark.parametrize("m", [1, 5, 31])
 def test_quant_linear_paths_match_dequantized_linear(path, tol, m):
     torch.manual_seed(1)
     qw = quantize(torch.randn(96, 128) * 0.05, "int4-g32")
@@ -70,3 +82,40 @@ def test_gpu_path_matches_dequantized_linear(fmt):
     y = layer(x)
     assert y.dtype == torch.float16 and torch.isfinite(y).all()
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+# The kernel compiles for the host's widest vectors; the other widths it carries are built here too, so a
+# machine with AVX-512 also proves the AVX2 and portable loops CI may run elsewhere.
+OTHER_BUILDS = [("portable", ["-march=x86-64"])]
+if "avx512f" in _cpu_flags():
+    OTHER_BUILDS.append(("avx2", ["-march=native", "-mno-avx512f"]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("label,arch_flags", OTHER_BUILDS, ids=[b[0] for b in OTHER_BUILDS])
+def test_other_vector_widths_match_reference(label, arch_flags):
+    from kernels.cpu_ops import LazyExtension
+    from kernels.weight_quant_cpu import _LDFLAGS, _SOURCE
+
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"] + arch_flags
+    ext = LazyExtension(f"frugal_weight_quant_cpu_{label}", [_SOURCE], flags, _LDFLAGS).get()
+    assert ext is not None
+    width = ext.panel_width()
+    for n, k, fmt in SHAPES:
+        torch.manual_seed(0)
+        qw = quantize(torch.randn(n, k), fmt)
+        panels = pack_panels(qw.qweight, qw.scales, qw.mins, qw.group_size, qw.shape, width=width)
+        mins = panels.mins if panels.mins is not None else panels.scales.new_empty(0)
+        for m in ROWS:
+            x = torch.randn(m, k)
+            y = ext.panel_linear(x, panels.qweight, panels.scales, mins, n, qw.group_size, qw.format == "int4")
+            ref = quant_linear_cpu_ref(x, qw.qweight, qw.scales, qw.mins, qw.group_size)
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)

@@ -1,264 +1,337 @@
-// Weight-only quantized matmul on the CPU for fp32 activations, over serving/quant/layout.py's packed layout.
+// Weight-only quantized matmul on the CPU for fp32 activations, over the panel layout of
+// kernels/weight_quant_cpu.py (serving/quant/layout.py's packed weight with each P output rows transposed
+// into a panel, so one vector load yields one input feature k for P consecutive output features).
 //
-// y[m, n] = sum_k x[m, k] * w[n, k], with w dequantized in registers 32 weights at a time and multiplied into
-// every activation row, so the weight is read from memory once per call in its packed form (0.56 bytes per
-// weight for int4-g32 instead of 4). Dequantization is `q * scale + min` in two roundings (no FMA), the same
-// arithmetic as serving.quant.layout.dequantize: `dequant` here is bit-identical to it, and `quant_linear`
-// differs from "dequantize, then matmul" only in summation order. AVX2 where compiled for it (group sizes
-// that are multiples of 32), a portable scalar loop otherwise.
+// y[m, n] = sum_k x[m, k] * w[n, k], with w dequantized as `q * scale + min` in two roundings (no FMA): the
+// same arithmetic as serving.quant.layout.dequantize, so the result differs from "dequantize, then matmul"
+// only in summation order.
+//
+// Two loops, both parallel over panels:
+// - few rows (decode): each panel is dequantized in registers, k by k, and multiplied straight into the
+//   activation rows: the weight is read once, packed (0.56 bytes per weight for int4-g32 instead of 4).
+// - many rows (batched decode, prefill): each panel is dequantized once into a [K, P] buffer that stays in
+//   the core's cache, then a register-blocked micro-kernel (MR rows x P columns of accumulators, one
+//   broadcast-FMA per row and k) runs every block of MR activation rows over it.
+// P is the vector width: 16 floats with AVX-512, 8 with AVX2, 8 in a portable loop elsewhere.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
+#include <utility>
 #include <vector>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-// NOTE: rows per thread are sized so each thread gets at least this many weights: waking a second OpenMP
-// thread costs more than dequantizing a 576 x 1024 tile (measured: 2 threads slower than 1 below ~1M weights).
-constexpr int64_t kWeightsPerThread = int64_t{1} << 21;
-constexpr int64_t kRows = 4;  // portable loop: output rows dequantized into a buffer and dotted together
-
-// One row of weights -> fp32. int4: qweight row of K/2 bytes (even k low nibble); int8: K int8 codes.
-// With `split` (int4, G % 16 == 0) each 16 weights come out as [k, k+2, ..., k+14, k+1, ..., k+15].
-void dequant_row(const uint8_t* q, const at::Half* scales, const at::Half* mins, int64_t K, int64_t G,
-                 bool int4, float* out, bool split = false) {
-  for (int64_t g = 0; g < K / G; ++g) {
-    const float s = static_cast<float>(scales[g]);
-    float* o = out + g * G;
-    if (int4 && split) {
-      const float m = static_cast<float>(mins[g]);
-      const uint8_t* qg = q + g * G / 2;
-      for (int64_t c = 0; c < G / 16; ++c)
-        for (int64_t j = 0; j < 8; ++j) {
-          o[16 * c + j] = static_cast<float>(qg[8 * c + j] & 0x0F) * s + m;
-          o[16 * c + 8 + j] = static_cast<float>(qg[8 * c + j] >> 4) * s + m;
-        }
-    } else if (int4) {
-      const float m = static_cast<float>(mins[g]);
-      const uint8_t* qg = q + g * G / 2;
-#pragma omp simd
-      for (int64_t j = 0; j < G / 2; ++j) {
-        o[2 * j] = static_cast<float>(qg[j] & 0x0F) * s + m;
-        o[2 * j + 1] = static_cast<float>(qg[j] >> 4) * s + m;
-      }
-    } else {
-      const int8_t* qg = reinterpret_cast<const int8_t*>(q) + g * G;
-#pragma omp simd
-      for (int64_t j = 0; j < G; ++j) o[j] = static_cast<float>(qg[j]) * s;
-    }
-  }
+#if defined(__AVX512F__)
+constexpr int P = 16;
+constexpr int MR = 12;  // 2 x 12 accumulators + 2 weight vectors of 32 registers
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vhalf(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-
-#ifdef __AVX2__
-// 16 int4 weights (8 bytes, even k in the low nibble) -> two fp32 vectors in natural k order.
-inline void load16_int4(const uint8_t* q, __m256 s, __m256 m, __m256& w0, __m256& w1) {
+// P bytes -> low nibbles (one k) and high nibbles (the next k) as floats
+inline void vnibbles(const uint8_t* q, vec& lo, vec& hi) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+inline vec vint8(const int8_t* q) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+}
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+constexpr int P = 8;
+constexpr int MR = 6;  // 2 x 6 accumulators + 2 weight vectors + a broadcast of 16 registers
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vhalf(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void vnibbles(const uint8_t* q, vec& lo, vec& hi) {
   const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-  const __m256 lo = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))), s), m);
-  const __m256 hi = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), s), m);
-  const __m256 a = _mm256_unpacklo_ps(lo, hi), c = _mm256_unpackhi_ps(lo, hi);  // [k0..3 | k8..11], [k4..7 | k12..15]
-  w0 = _mm256_permute2f128_ps(a, c, 0x20);
-  w1 = _mm256_permute2f128_ps(a, c, 0x31);
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
-
-inline __m256 load8_int8(const int8_t* q, __m256 s) {
-  const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(b), s);
+inline vec vint8(const int8_t* q) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
 }
-
-// 16 int4 weights -> [even k..., odd k...] without the interleaving shuffles; the fused loop pairs them with
-// activations de-interleaved the same way (see quant_linear).
-inline void load16_int4_split(const uint8_t* q, __m256 s, __m256 m, __m256& w0, __m256& w1) {
-  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-  w0 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))), s), m);
-  w1 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), s), m);
+#else
+// Portable: P floats in a struct; the compiler vectorizes what it can.
+constexpr int P = 8;
+constexpr int MR = 4;
+struct vec {
+  float v[P];
+};
+inline vec vzero() { return vec{}; }
+inline vec vload(const float* p) {
+  vec r;
+  std::copy(p, p + P, r.v);
+  return r;
 }
-
-// 32 weights of row n starting at k (a multiple of 32 inside one group) -> w[4]: natural k order, or for int4
-// with `split` each 16 as [k, k+2, ..., k+14, k+1, ..., k+15].
-inline void load32(const uint8_t* row, const at::Half* scales, const at::Half* mins, int64_t k, int64_t G,
-                   bool int4, __m256 w[4], bool split = false) {
-  const __m256 s = _mm256_set1_ps(static_cast<float>(scales[k / G]));
-  if (int4 && split) {
-    const __m256 m = _mm256_set1_ps(static_cast<float>(mins[k / G]));
-    load16_int4_split(row + k / 2, s, m, w[0], w[1]);
-    load16_int4_split(row + k / 2 + 8, s, m, w[2], w[3]);
-  } else if (int4) {
-    const __m256 m = _mm256_set1_ps(static_cast<float>(mins[k / G]));
-    load16_int4(row + k / 2, s, m, w[0], w[1]);
-    load16_int4(row + k / 2 + 8, s, m, w[2], w[3]);
-  } else {
-    const int8_t* q = reinterpret_cast<const int8_t*>(row) + k;
-    for (int i = 0; i < 4; ++i) w[i] = load8_int8(q + 8 * i, s);
+inline void vstore(float* p, vec a) { std::copy(a.v, a.v + P, p); }
+inline vec vbcast(const float* p) {
+  vec r;
+  std::fill(r.v, r.v + P, *p);
+  return r;
+}
+#define FRUGAL_VEC_OP(name, expr)   \
+  inline vec name(vec a, vec b) {   \
+    vec r;                          \
+    for (int i = 0; i < P; ++i) r.v[i] = expr; \
+    return r;                       \
+  }
+FRUGAL_VEC_OP(vadd, a.v[i] + b.v[i])
+FRUGAL_VEC_OP(vmul, a.v[i] * b.v[i])
+#undef FRUGAL_VEC_OP
+inline vec vfma(vec a, vec b, vec c) {
+  for (int i = 0; i < P; ++i) c.v[i] = std::fma(a.v[i], b.v[i], c.v[i]);
+  return c;
+}
+inline vec vhalf(const at::Half* p) {
+  vec r;
+  for (int i = 0; i < P; ++i) r.v[i] = static_cast<float>(p[i]);
+  return r;
+}
+inline void vnibbles(const uint8_t* q, vec& lo, vec& hi) {
+  for (int i = 0; i < P; ++i) {
+    lo.v[i] = static_cast<float>(q[i] & 0x0F);
+    hi.v[i] = static_cast<float>(q[i] >> 4);
   }
 }
-
-inline float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
-// One row -> fp32 (natural or split order). NOTE: noinline, here and below: inlined into the OpenMP-outlined
-// parallel_for body, the loops compiled about 3x slower (measured).
-__attribute__((noinline)) void dequant_row_avx2(const uint8_t* row, const at::Half* scales, const at::Half* mins,
-                                                int64_t K, int64_t G, bool int4, bool split, float* out) {
-  __m256 w[4];
-  for (int64_t k = 0; k < K; k += 32) {
-    load32(row, scales, mins, k, G, int4, w, split);
-    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + k + 8 * i, w[i]);
-  }
-}
-
-// y[:, n] for one row n: four accumulators per activation row break the FMA dependency chain.
-__attribute__((noinline)) void row_dot_avx2(const uint8_t* row, const at::Half* scales, const at::Half* mins,
-                                            const float* x, int64_t M, int64_t K, int64_t G, bool int4, float* y,
-                                            int64_t ldy, std::vector<__m256>& acc) {
-  __m256 w[4];
-  if (M == 1) {  // decode: accumulators stay in registers
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < K; k += 32) {
-      load32(row, scales, mins, k, G, int4, w, true);
-      a0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x + k), a0);
-      a1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + k + 8), a1);
-      a2 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + k + 16), a2);
-      a3 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + k + 24), a3);
-    }
-    y[0] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    return;
-  }
-  for (auto& a : acc) a = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    load32(row, scales, mins, k, G, int4, w, true);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * K + k;
-      __m256* a = acc.data() + 4 * m;
-      for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xm + 8 * i), a[i]);
-    }
-  }
-  for (int64_t m = 0; m < M; ++m) {
-    const __m256* a = acc.data() + 4 * m;
-    y[m * ldy] = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
-  }
+inline vec vint8(const int8_t* q) {
+  vec r;
+  for (int i = 0; i < P; ++i) r.v[i] = static_cast<float>(q[i]);
+  return r;
 }
 #endif
 
-void check(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& mins, int64_t K,
-           int64_t G, bool int4) {
-  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous(), "qweight and scales must be contiguous");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf, "scales must be float16");
-  TORCH_CHECK(G > 0 && K % G == 0 && (!int4 || G % 2 == 0), "group size must divide K (and be even for int4)");
-  TORCH_CHECK(scales.size(1) == K / G, "scales must be [N, K / G]");
-  if (int4) {
-    TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.size(1) * 2 == K, "int4 qweight must be uint8 [N, K/2]");
-    TORCH_CHECK(mins.is_contiguous() && mins.scalar_type() == at::kHalf && mins.sizes() == scales.sizes(),
-                "mins must be float16 [N, K / G]");
-  } else {
-    TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.size(1) == K, "int8 qweight must be int8 [N, K]");
+// NOTE: a panel's share of the work below this many weights is not worth waking a second OpenMP thread for.
+constexpr int64_t kWeightsPerThread = int64_t{1} << 18;
+
+// One panel's tensors: q int4 [K / 2, P] bytes (low nibble k = 2j, high k = 2j + 1) or int8 [K, P];
+// scales (and mins) fp16 [K / G, P].
+struct Panel {
+  const uint8_t* q;
+  const at::Half* scales;
+  const at::Half* mins;
+};
+
+// The panel as fp32 [K, P] with row stride ld: buf[k * ld + j] = w[n0 + j, k].
+// NOTE: noinline, here and below: inlined into the OpenMP-outlined parallel_for body the loops compiled
+// several times slower (measured).
+__attribute__((noinline)) void dequant_panel(Panel p, int64_t K, int64_t G, bool int4, float* buf, int64_t ld) {
+  for (int64_t g = 0; g < K / G; ++g) {
+    const vec s = vhalf(p.scales + g * P);
+    if (int4) {
+      const vec m = vhalf(p.mins + g * P);
+      for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+        vec lo, hi;
+        vnibbles(p.q + k / 2 * P, lo, hi);
+        vstore(buf + k * ld, vadd(vmul(lo, s), m));
+        vstore(buf + (k + 1) * ld, vadd(vmul(hi, s), m));
+      }
+    } else {
+      const int8_t* q = reinterpret_cast<const int8_t*>(p.q);
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) vstore(buf + k * ld, vmul(vint8(q + k * P), s));
+    }
   }
 }
 
+// Accumulators -> y rows; the last panel of a weight whose N is not a multiple of P stores `cols` columns.
+template <int R>
+inline void store_rows(const vec* acc, float* y, int64_t ldy, int64_t cols) {
+  for (int i = 0; i < R; ++i) {
+    if (cols == P) {
+      vstore(y + i * ldy, acc[i]);
+    } else {
+      alignas(64) float tmp[P];
+      vstore(tmp, acc[i]);
+      std::copy(tmp, tmp + cols, y + i * ldy);
+    }
+  }
+}
+
+// y[0:R, panel a | panel b] = x[0:R, :] @ [buf_a | buf_b]: 2 x R vector accumulators, two weight loads and R
+// broadcasts per k. x comes packed as [K, MR] (row i of the block at xb[k * MR + i]) so every broadcast is an
+// offset from one pointer. `two` is false for a lone last panel.
+template <int R>
+__attribute__((noinline)) void micro_kernel(const float* buf, bool two, const float* xb, int64_t K, float* y,
+                                            int64_t ldy, int64_t cols_a, int64_t cols_b) {
+  vec acc_a[R], acc_b[R];
+  for (int i = 0; i < R; ++i) acc_a[i] = acc_b[i] = vzero();
+  if (two) {
+    for (int64_t k = 0; k < K; ++k) {
+      const vec wa = vload(buf + k * 2 * P), wb = vload(buf + k * 2 * P + P);
+      for (int i = 0; i < R; ++i) {
+        const vec xv = vbcast(xb + k * MR + i);
+        acc_a[i] = vfma(wa, xv, acc_a[i]);
+        acc_b[i] = vfma(wb, xv, acc_b[i]);
+      }
+    }
+    store_rows<R>(acc_b, y + P, ldy, cols_b);
+  } else {
+    for (int64_t k = 0; k < K; ++k) {
+      const vec wa = vload(buf + k * P);
+      for (int i = 0; i < R; ++i) acc_a[i] = vfma(wa, vbcast(xb + k * MR + i), acc_a[i]);
+    }
+  }
+  store_rows<R>(acc_a, y, ldy, cols_a);
+}
+
+// x [M, K] -> [ceil(M / MR), K, MR], rows past M zero.
+void pack_rows(const float* x, int64_t M, int64_t K, float* out) {
+  for (int64_t m0 = 0; m0 < M; m0 += MR) {
+    float* block = out + m0 * K;
+    for (int64_t i = 0; i < MR; ++i) {
+      const float* row = x + (m0 + i) * K;
+      if (m0 + i < M) {
+        for (int64_t k = 0; k < K; ++k) block[k * MR + i] = row[k];
+      } else {
+        for (int64_t k = 0; k < K; ++k) block[k * MR + i] = 0.0f;
+      }
+    }
+  }
+}
+
+// Few rows: dequantize in registers and multiply straight in. Even and odd k accumulate apart so that one
+// row (decode) has two FMA chains in flight.
+template <int R>
+__attribute__((noinline)) void fused_kernel(Panel p, const float* x, int64_t ldx, int64_t K, int64_t G, bool int4,
+                                            float* y, int64_t ldy, int64_t cols) {
+  vec even[R], odd[R];
+  for (int i = 0; i < R; ++i) even[i] = odd[i] = vzero();
+  for (int64_t g = 0; g < K / G; ++g) {
+    const vec s = vhalf(p.scales + g * P);
+    if (int4) {
+      const vec m = vhalf(p.mins + g * P);
+      for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+        vec lo, hi;
+        vnibbles(p.q + k / 2 * P, lo, hi);
+        const vec w0 = vadd(vmul(lo, s), m), w1 = vadd(vmul(hi, s), m);
+        for (int i = 0; i < R; ++i) {
+          even[i] = vfma(w0, vbcast(x + i * ldx + k), even[i]);
+          odd[i] = vfma(w1, vbcast(x + i * ldx + k + 1), odd[i]);
+        }
+      }
+    } else {
+      const int8_t* q = reinterpret_cast<const int8_t*>(p.q);
+      int64_t k = g * G;
+      for (; k + 1 < (g + 1) * G; k += 2) {
+        const vec w0 = vmul(vint8(q + k * P), s), w1 = vmul(vint8(q + (k + 1) * P), s);
+        for (int i = 0; i < R; ++i) {
+          even[i] = vfma(w0, vbcast(x + i * ldx + k), even[i]);
+          odd[i] = vfma(w1, vbcast(x + i * ldx + k + 1), odd[i]);
+        }
+      }
+      if (k < (g + 1) * G) {  // odd group size (per-channel int8 with an odd K)
+        const vec w0 = vmul(vint8(q + k * P), s);
+        for (int i = 0; i < R; ++i) even[i] = vfma(w0, vbcast(x + i * ldx + k), even[i]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) even[i] = vadd(even[i], odd[i]);
+  store_rows<R>(even, y, ldy, cols);
+}
+
+constexpr int kFusedMaxRows = 4;  // above this many rows the buffered micro-kernel wins (benchmarks/quant_cpu.py)
+
+using MicroFn = void (*)(const float*, bool, const float*, int64_t, float*, int64_t, int64_t, int64_t);
+using FusedFn = void (*)(Panel, const float*, int64_t, int64_t, int64_t, bool, float*, int64_t, int64_t);
+
+template <int... Rs>
+constexpr std::array<MicroFn, sizeof...(Rs)> micro_table(std::integer_sequence<int, Rs...>) {
+  return {&micro_kernel<Rs + 1>...};
+}
+template <int... Rs>
+constexpr std::array<FusedFn, sizeof...(Rs)> fused_table(std::integer_sequence<int, Rs...>) {
+  return {&fused_kernel<Rs + 1>...};
+}
+// kMicro[r - 1] handles r rows
+constexpr auto kMicro = micro_table(std::make_integer_sequence<int, MR>{});
+constexpr auto kFused = fused_table(std::make_integer_sequence<int, kFusedMaxRows>{});
+
 }  // namespace
 
-// x: [M, K] fp32; qweight: int4 uint8 [N, K/2] or int8 [N, K]; scales/mins: fp16 [N, K/G]  ->  [M, N] fp32
-torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins,
-                           int64_t group_size, bool int4) {
+int64_t panel_width() { return P; }
+
+// x: [M, K] fp32; qweight: int4 uint8 [N_pad / P, K / 2, P] or int8 [N_pad / P, K, P];
+// scales/mins: fp16 [N_pad / P, K / G, P]; n: the real N (<= N_pad)  ->  [M, n] fp32
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins,
+                           int64_t n, int64_t group_size, bool int4) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be fp32 [M, K]");
   x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), G = group_size;
-  check(qweight, scales, mins, K, G, int4);
-  auto y = torch::empty({M, N}, x.options());
+  const int64_t M = x.size(0), K = x.size(1), G = group_size, num_panels = qweight.size(0);
+  TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == P && qweight.is_contiguous(),
+              "qweight must be a contiguous [N_pad / P, ., P] panel tensor with P = ", P);
+  TORCH_CHECK(G > 0 && K % G == 0 && (!int4 || G % 2 == 0), "group size must divide K (and be even for int4)");
+  TORCH_CHECK(n > 0 && n <= num_panels * P && n > (num_panels - 1) * P, "n must fall in the last panel");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.sizes() == at::IntArrayRef({num_panels, K / G, P}),
+              "scales must be contiguous fp16 [N_pad / P, K / G, P]");
+  if (int4) {
+    TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.size(1) * 2 == K, "int4 qweight must be uint8 [., K / 2, P]");
+    TORCH_CHECK(mins.scalar_type() == at::kHalf && mins.is_contiguous() && mins.sizes() == scales.sizes(),
+                "mins must be contiguous fp16 [N_pad / P, K / G, P]");
+  } else {
+    TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.size(1) == K, "int8 qweight must be int8 [., K, P]");
+  }
+  auto y = torch::empty({M, n}, x.options());
+  if (M == 0) return y;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
   const at::Half* sp = scales.data_ptr<at::Half>();
   const at::Half* mp = int4 ? mins.data_ptr<at::Half>() : nullptr;
-  const int64_t row_bytes = int4 ? K / 2 : K, num_groups = K / G;
-#ifdef __AVX2__
-  if (G % 32 == 0) {
-    // int4: de-interleave each 16 activations into [even k, odd k] to match load16_int4_split
-    const torch::Tensor xs = int4 ? x.reshape({M, K / 16, 8, 2}).transpose(2, 3).contiguous() : x;
-    xp = xs.data_ptr<float>();
-    const int64_t grain = std::max<int64_t>(8, kWeightsPerThread / K);
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<__m256> acc(4 * M);
-      for (int64_t n = begin; n < end; ++n)
-        row_dot_avx2(qp + n * row_bytes, sp + n * num_groups, int4 ? mp + n * num_groups : nullptr, xp, M, K, G,
-                     int4, yp + n, N, acc);
+  const int64_t q_stride = qweight.size(1) * P, s_stride = K / G * P;
+  const auto panel = [&](int64_t p) {
+    return Panel{qp + p * q_stride, sp + p * s_stride, int4 ? mp + p * s_stride : nullptr};
+  };
+  const auto cols = [&](int64_t p) { return p < num_panels ? std::min<int64_t>(P, n - p * P) : int64_t{0}; };
+  if (M <= kFusedMaxRows) {
+    const int64_t grain = std::max<int64_t>(1, kWeightsPerThread / (K * P));
+    at::parallel_for(0, num_panels, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) kFused[M - 1](panel(p), xp, K, K, G, int4, yp + p * P, n, cols(p));
     });
     return y;
   }
-#endif
-  const int64_t num_blocks = (N + kRows - 1) / kRows;
-  at::parallel_for(0, num_blocks, std::max<int64_t>(1, kWeightsPerThread / (kRows * K)), [&](int64_t begin,
-                                                                                               int64_t end) {
-    std::vector<float> buf(kRows * K, 0.0f);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * kRows, rows = std::min(kRows, N - n0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t n = n0 + r;
-        dequant_row(qp + n * row_bytes, sp + n * num_groups, int4 ? mp + n * num_groups : nullptr, K, G, int4,
-                    buf.data() + r * K);
-      }
-      const float *w0 = buf.data(), *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = xp + m * K;
-        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-        for (int64_t k = 0; k < K; ++k) {
-          a0 = std::fma(xm[k], w0[k], a0);
-          a1 = std::fma(xm[k], w1[k], a1);
-          a2 = std::fma(xm[k], w2[k], a2);
-          a3 = std::fma(xm[k], w3[k], a3);
-        }
-        const float acc[kRows] = {a0, a1, a2, a3};
-        for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = acc[r];
+  std::vector<float> packed(((M + MR - 1) / MR) * MR * K);
+  pack_rows(xp, M, K, packed.data());
+  const int64_t num_pairs = (num_panels + 1) / 2;
+  const int64_t grain = std::max<int64_t>(1, kWeightsPerThread / (K * 2 * P));
+  at::parallel_for(0, num_pairs, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(K * 2 * P);
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t pa = 2 * pair, pb = pa + 1;
+      const bool two = pb < num_panels;
+      dequant_panel(panel(pa), K, G, int4, buf.data(), two ? 2 * P : P);
+      if (two) dequant_panel(panel(pb), K, G, int4, buf.data() + P, 2 * P);
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        const int64_t rows = std::min<int64_t>(MR, M - m0);
+        kMicro[rows - 1](buf.data(), two, packed.data() + m0 * K, K, yp + m0 * n + pa * P, n, cols(pa), cols(pb));
       }
     }
   });
   return y;
 }
 
-// The weight as fp32 [N, K] (for large batches, where a float GEMM beats the fused loop), written into `w`
-// when it is given (a reused tile buffer: a fresh multi-MB allocation costs page faults on every call).
-// With `split` (int4 only) the columns come in the de-interleaved order of dequant_row: the caller permutes the
-// activations' columns the same way, which saves the interleaving shuffles.
-torch::Tensor dequant(torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins, int64_t group_size, bool int4,
-                      c10::optional<torch::Tensor> out, bool split) {
-  const int64_t N = qweight.size(0), K = int4 ? qweight.size(1) * 2 : qweight.size(1), G = group_size;
-  check(qweight, scales, mins, K, G, int4);
-  split = split && int4;
-  TORCH_CHECK(!split || G % 16 == 0, "split order needs a group size that is a multiple of 16");
-  torch::Tensor w = out.has_value() ? *out : torch::empty({N, K}, scales.options().dtype(at::kFloat));
-  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kFloat && w.size(0) == N && w.size(1) == K,
-              "out must be contiguous fp32 [N, K]");
-  const uint8_t* qp = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
-  const at::Half* sp = scales.data_ptr<at::Half>();
-  const at::Half* mp = int4 ? mins.data_ptr<at::Half>() : nullptr;
-  float* wp = w.data_ptr<float>();
-  const int64_t row_bytes = int4 ? K / 2 : K, num_groups = K / G;
-  at::parallel_for(0, N, std::max<int64_t>(16, kWeightsPerThread / K), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-#ifdef __AVX2__
-      if (G % 32 == 0) {
-        dequant_row_avx2(qp + n * row_bytes, sp + n * num_groups, int4 ? mp + n * num_groups : nullptr, K, G, int4,
-                         split, wp + n * K);
-        continue;
-      }
-#endif
-      dequant_row(qp + n * row_bytes, sp + n * num_groups, int4 ? mp + n * num_groups : nullptr, K, G, int4,
-                  wp + n * K, split);
-    }
-  });
-  return w;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quant_linear", &quant_linear, "weight-only quantized linear, fp32 activations");
-  m.def("dequant", &dequant, "packed weight -> fp32", py::arg("qweight"), py::arg("scales"), py::arg("mins"),
-        py::arg("group_size"), py::arg("int4"), py::arg("out") = py::none(), py::arg("split") = false);
+  m.def("panel_width", &panel_width, "output features per panel (the vector width this build uses)");
+  m.def("panel_linear", &panel_linear, "weight-only quantized linear over the panel layout, fp32 activations");
 }

@@ -59,8 +59,8 @@ def install(model: nn.Module, state: dict, dtype: torch.dtype, device: str | tor
     """Swaps in a QuantLinear for every QuantizedWeight in `state`; returns the float rest of the state.
 
     A packed token embedding becomes a QuantEmbedding and, when the lm_head is tied to it, also a QuantLinear
-    lm_head over the same tensors (the logits GEMV then reads int8, not fp32). Other packed weights that
-    stand in for non-linear tensors are dequantized to `dtype`.
+    lm_head whose tensors the embedding reads its rows from (the logits GEMV then reads int8, not fp32).
+    Other packed weights that stand in for non-linear tensors are dequantized to `dtype`.
     """
     rest = {}
     linears = linear_weight_names(model)
@@ -69,9 +69,10 @@ def install(model: nn.Module, state: dict, dtype: torch.dtype, device: str | tor
             rest[name] = value
         elif name == "embed_tokens.weight":
             tied = model.lm_head is None
-            model.embed_tokens = QuantEmbedding(value, dtype, device, shared_with_lm_head=tied)
-            if tied:
-                model.lm_head = QuantLinear(model.embed_tokens.qw, dtype=dtype, device=device, cpu_path=cpu_path)
+            if tied:  # the lm_head holds the table and the embedding reads its rows from it
+                model.lm_head = QuantLinear(value, dtype=dtype, device=device, cpu_path=cpu_path)
+            shared = tied and model.lm_head.can_select_rows
+            model.embed_tokens = QuantEmbedding(model.lm_head if shared else value, dtype, device)
         elif name not in linears:
             rest[name] = dequantize(value, dtype)
     for name, value in state.items():

@@ -2,8 +2,9 @@
 
 The path is chosen once, when the layer is built (`choose_path`), and each path turns the QuantizedWeight into
 what its kernel reads (`_prepare_*`). CPU paths, measured on this project's CPUs by benchmarks/quant_cpu.py:
-- "kernel": kernels/weight_quant_cpu.py's fused dequant-dot loop on fp32 activations for small batches,
-  and above `KERNEL_MAX_M` rows its fast dequantize followed by a float GEMM.
+- "kernel": kernels/weight_quant_cpu.py on fp32 activations, over the panel view of the packed weight it
+  takes at load: dequantized in registers for a few rows, in cache-sized panels under a register-blocked
+  micro-kernel for more.
 - "fbgemm": int8 weights prepacked for fbgemm (`quantized.linear_dynamic`), activations quantized per call.
 - "int4pack": torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`) on bf16 activations.
 - "dequant": dequantize to the compute dtype on every call, then a float matmul: the reference every other
@@ -13,14 +14,13 @@ GPU: "triton" calls kernels.quant_matmul's fused dequant-matmul when that module
 from __future__ import annotations
 
 import importlib
-import threading
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.weight_quant_cpu import dequant_cpu, quant_linear_cpu, split_columns, weight_quant_kernels
+from kernels.weight_quant_cpu import PanelWeight, pack_panels, quant_linear_cpu, weight_quant_kernels
 from serving.quant.layout import QuantizedWeight, dequantize, unpack_nibbles
 
 CPU_PATHS = ("kernel", "fbgemm", "int4pack", "dequant")
@@ -29,16 +29,6 @@ CPU_PATHS = ("kernel", "fbgemm", "int4pack", "dequant")
 # activations and outputs to bf16 (86% agreement, slower than fp32 at M >= 32). "kernel" keeps fp32
 # activations (100% agreement on the engine test) and is the default wherever the extension compiles.
 DEFAULT_CPU_PATH = "kernel"
-KERNEL_MAX_M = 8  # above this many rows a dequantize + float GEMM beats the fused loop (quant_cpu table)
-KERNEL_TILE_ROWS = 4096  # rows dequantized per GEMM above KERNEL_MAX_M: whole layers, the lm_head in tiles
-_tile_buffers = threading.local()  # per thread: one fp32 buffer reused for every tile (fresh MBs page-fault)
-
-
-def _tile_buffer(numel: int) -> torch.Tensor:
-    buffer = getattr(_tile_buffers, "buffer", None)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _tile_buffers.buffer = torch.empty(numel)
-    return buffer[:numel]
 
 
 def _triton_ops():
@@ -76,6 +66,7 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.to(device, dtype), requires_grad=False)
         # Each path keeps only the tensors its kernel reads, so the weight is held once.
         self.qw: QuantizedWeight | None = None  # our layout: "dequant" and "triton"
+        self.panels: PanelWeight | None = None  # its panel view: "kernel"
         self.packed = None  # fbgemm's prepacked int8 weight
         self.int4pack: tuple[torch.Tensor, torch.Tensor] | None = None  # torch int4 layout, [K/G, N, 2] bf16
         getattr(self, f"_prepare_{self.path}")(qw.to(device))
@@ -84,7 +75,10 @@ class QuantLinear(nn.Module):
     def _prepare_dequant(self, qw: QuantizedWeight) -> None:
         self.qw = qw
 
-    _prepare_triton = _prepare_kernel = _prepare_dequant
+    _prepare_triton = _prepare_dequant
+
+    def _prepare_kernel(self, qw: QuantizedWeight) -> None:
+        self.panels = pack_panels(qw.qweight, qw.scales, qw.mins, qw.group_size, qw.shape)
 
     def _prepare_fbgemm(self, qw: QuantizedWeight) -> None:
         weight = dequantize(qw)
@@ -118,24 +112,7 @@ class QuantLinear(nn.Module):
         return F.linear(x, dequantize(self.qw, x.dtype))
 
     def _mm_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        qw, x = self.qw, x.float()
-        if x.shape[0] <= KERNEL_MAX_M:
-            return quant_linear_cpu(x, qw.qweight, qw.scales, qw.mins, qw.group_size)
-        # Larger batches: dequantize up to KERNEL_TILE_ROWS rows into a reused buffer, then the same float GEMM
-        # as an unquantized layer. int4 tiles come out with their columns de-interleaved (no shuffles), and
-        # x's columns follow suit.
-        split = qw.format == "int4" and qw.group_size % 16 == 0
-        x = split_columns(x) if split else x
-        n, k = qw.shape
-        outs = []
-        for n0 in range(0, n, KERNEL_TILE_ROWS):
-            rows = slice(n0, n0 + KERNEL_TILE_ROWS)
-            num_rows = min(n, n0 + KERNEL_TILE_ROWS) - n0
-            mins = None if qw.mins is None else qw.mins[rows]
-            tile = dequant_cpu(qw.qweight[rows], qw.scales[rows], mins, qw.group_size,
-                               out=_tile_buffer(num_rows * k).view(num_rows, k), split=split)
-            outs.append(F.linear(x, tile))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return quant_linear_cpu(x.float(), self.panels)
 
     def _mm_fbgemm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed)
@@ -150,12 +127,26 @@ class QuantLinear(nn.Module):
             return ops.w4a16_matmul(x, qw.qweight, qw.scales, qw.mins, qw.group_size)
         return ops.w8a16_matmul(x, qw.qweight, qw.scales, qw.group_size)
 
-    # -- accounting -------------------------------------------------------------------------------------
+    # -- rows and accounting ----------------------------------------------------------------------------
+    @property
+    def can_select_rows(self) -> bool:
+        return self.qw is not None or self.panels is not None
+
+    def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
+        """Weight rows `index` in the packed layout, read from this layer's own tensors (a tied embedding's
+        lookups), for the paths that keep the packed bytes ("kernel", "dequant", "triton")."""
+        if self.qw is not None:
+            return self.qw.select_rows(index)
+        qweight, scales, mins = self.panels.rows(index)
+        return QuantizedWeight(self.format, self.group_size, qweight, scales, mins, (len(index), self.in_features))
+
     @property
     def weight_nbytes(self) -> int:
         """Bytes this layer holds for its weight in the path's own layout (bias excluded)."""
         if self.qw is not None:
             return self.qw.nbytes
+        if self.panels is not None:
+            return self.panels.nbytes
         if self.int4pack is not None:
             return sum(t.numel() * t.element_size() for t in self.int4pack)
         weight, _ = torch.ops.quantized.linear_unpack(self.packed)  # a view of the int8 codes
@@ -167,22 +158,26 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """Token embedding over a QuantizedWeight (a GGUF Q8_0 table imported as is): looked-up rows are dequantized.
+    """Token embedding over a packed table (a GGUF Q8_0 table imported as is): looked-up rows are dequantized.
 
-    `weight_nbytes` is 0 when `shared_with_lm_head`: the tied lm_head QuantLinear holds the same tensors.
+    `source` is the QuantizedWeight itself, or the tied lm_head QuantLinear built over it: then the rows are
+    read from the lm_head's tensors, the table is held once and `weight_nbytes` is 0 here.
     """
 
-    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 shared_with_lm_head: bool = False):
+    def __init__(self, source: QuantizedWeight | QuantLinear, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         super().__init__()
-        self.qw = qw.to(device)  # [vocab, hidden] in our layout
+        self.shared_with_lm_head = isinstance(source, QuantLinear)
+        if self.shared_with_lm_head and not source.can_select_rows:
+            raise ValueError(f"the lm_head's {source.path!r} path keeps no packed rows to look up")
+        self.source = source if self.shared_with_lm_head else source.to(device)
+        self.embedding_dim = source.in_features if self.shared_with_lm_head else source.shape[1]
         self.dtype = dtype
-        self.shared_with_lm_head = shared_with_lm_head
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.qw.select_rows(token_ids.reshape(-1))
-        return dequantize(rows, self.dtype).reshape(*token_ids.shape, self.qw.shape[1])
+        rows = self.source.select_rows(token_ids.reshape(-1))
+        return dequantize(rows, self.dtype).reshape(*token_ids.shape, self.embedding_dim)
 
     @property
     def weight_nbytes(self) -> int:
-        return 0 if self.shared_with_lm_head else self.qw.nbytes
+        return 0 if self.shared_with_lm_head else self.source.nbytes
