@@ -55,6 +55,19 @@ class PanelWeight:
         tensors = [self.qweight, self.scales] + ([self.mins] if self.mins is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    @property
+    def padded_rows(self) -> int:
+        return self.qweight.shape[0] * self.qweight.shape[2]
+
+    def slice(self, start: int, stop: int) -> PanelWeight:
+        """Panels [start, stop) as a weight of their own (views, no copy)."""
+        width = self.qweight.shape[2]
+        stop = min(stop, self.qweight.shape[0])
+        mins = None if self.mins is None else self.mins[start:stop]
+        n = min(self.shape[0], stop * width) - start * width
+        return PanelWeight(self.format, self.group_size, self.qweight[start:stop], self.scales[start:stop], mins,
+                           (n, self.shape[1]))
+
     def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(qweight, scales, mins) of rows `index` back in the packed layout, e.g. for embedding lookups."""
         width = self.qweight.shape[2]
@@ -87,6 +100,17 @@ def quant_linear_cpu(x: torch.Tensor, weight: PanelWeight) -> torch.Tensor:
     int4 = weight.mins is not None
     mins = weight.mins if int4 else weight.scales.new_empty(0)
     return weight_quant_kernels().panel_linear(x, weight.qweight, weight.scales, mins, n, weight.group_size, int4)
+
+
+def dequant_panels_t(weight: PanelWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight dequantized and transposed, fp32 [K, N] (a view of [K, N_pad], into `out` when given):
+    bit-identical to dequant_ref(...).T."""
+    n, k = weight.shape
+    out = torch.empty(k, weight.padded_rows) if out is None else out
+    int4 = weight.mins is not None
+    mins = weight.mins if int4 else weight.scales.new_empty(0)
+    weight_quant_kernels().dequant_panels_t(weight.qweight, weight.scales, mins, weight.group_size, int4, out)
+    return out[:, :n]
 
 
 def dequant_ref(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from kernels.weight_quant_cpu import (dequant_ref, pack_panels, quant_linear_cpu, quant_linear_cpu_ref,
-                                      weight_quant_kernels)
+import serving.quant.linear as quant_linear
+from kernels.weight_quant_cpu import (dequant_panels_t, dequant_ref, pack_panels, quant_linear_cpu,
+                                      quant_linear_cpu_ref, weight_quant_kernels)
 from serving.quant.layout import dequantize, quantize
 from serving.quant.linear import QuantLinear
 
@@ -48,7 +49,7 @@ def test_panels_are_a_permutation_of_the_packed_bytes():
 
 
 @pytest.mark.parametrize("path,tol", [("kernel", 1e-4), ("dequant", 0.0), ("int4pack", 0.05), ("fbgemm", 0.3)])
-@pytest.mark.parametrize("m", [1, 5, 31])
+@pytest.mark.parametrize("m", [1, 5, 31, quant_linear.KERNEL_GEMM_MIN_M + 3])
 def test_quant_linear_paths_match_dequantized_linear(path, tol, m):
     torch.manual_seed(1)
     qw = quantize(torch.randn(96, 128) * 0.05, "int4-g32")
@@ -119,3 +120,16 @@ def test_other_vector_widths_match_reference(label, arch_flags):
             y = ext.panel_linear(x, panels.qweight, panels.scales, mins, n, qw.group_size, qw.format == "int4")
             ref = quant_linear_cpu_ref(x, qw.qweight, qw.scales, qw.mins, qw.group_size)
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,fmt", SHAPES)
+def test_dequantized_panels_are_bit_exact(n, k, fmt):
+    qw = quantize(torch.randn(n, k), fmt)
+    panels = pack_panels(qw.qweight, qw.scales, qw.mins, qw.group_size, qw.shape)
+    assert torch.equal(dequant_panels_t(panels), dequantize(qw).T)
+    width = panels.qweight.shape[2]
+    if panels.qweight.shape[0] > 1:  # a tile of panels stands alone
+        tile = panels.slice(1, 2)
+        assert tile.shape == (min(n, 2 * width) - width, k)
+        assert torch.equal(dequant_panels_t(tile), dequantize(qw)[width:2 * width].T)

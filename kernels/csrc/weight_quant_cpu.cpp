@@ -331,7 +331,32 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
   return y;
 }
 
+// The whole weight dequantized as w^T into `out` (fp32 [K, N_pad], contiguous): for prefill-sized batches, where a
+// float GEMM over it beats the micro-kernel. Same values as serving.quant.layout.dequantize, bit for bit.
+torch::Tensor dequant_panels_t(torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins, int64_t group_size,
+                               bool int4, torch::Tensor out) {
+  const int64_t num_panels = qweight.size(0), K = int4 ? qweight.size(1) * 2 : qweight.size(1), G = group_size;
+  TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == P && qweight.is_contiguous(), "qweight must be panels");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.size(1) * G == K,
+              "scales must be contiguous fp16 [N_pad / P, K / G, P]");
+  TORCH_CHECK(!int4 || (mins.is_contiguous() && mins.sizes() == scales.sizes()), "mins must match scales");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.size(0) == K &&
+                  out.size(1) == num_panels * P, "out must be contiguous fp32 [K, N_pad]");
+  const uint8_t* qp = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const at::Half* mp = int4 ? mins.data_ptr<at::Half>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t q_stride = qweight.size(1) * P, s_stride = K / G * P, ld = num_panels * P;
+  at::parallel_for(0, num_panels, std::max<int64_t>(1, kWeightsPerThread / (K * P)), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      dequant_panel(Panel{qp + p * q_stride, sp + p * s_stride, int4 ? mp + p * s_stride : nullptr}, K, G, int4,
+                    op + p * P, ld);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dequant_panels_t", &dequant_panels_t, "panels -> fp32 w^T [K, N_pad]");
   m.def("panel_width", &panel_width, "output features per panel (the vector width this build uses)");
   m.def("panel_linear", &panel_linear, "weight-only quantized linear over the panel layout, fp32 activations");
 }

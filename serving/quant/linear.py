@@ -4,7 +4,8 @@ The path is chosen once, when the layer is built (`choose_path`), and each path 
 what its kernel reads (`_prepare_*`). CPU paths, measured on this project's CPUs by benchmarks/quant_cpu.py:
 - "kernel": kernels/weight_quant_cpu.py on fp32 activations, over the panel view of the packed weight it
   takes at load: dequantized in registers for a few rows, in cache-sized panels under a register-blocked
-  micro-kernel for more.
+  micro-kernel for more, and from `KERNEL_GEMM_MIN_M` rows (prefill) dequantized whole into a reused buffer
+  for the float GEMM, whose blocking wins once the dequantization is spread over that many rows.
 - "fbgemm": int8 weights prepacked for fbgemm (`quantized.linear_dynamic`), activations quantized per call.
 - "int4pack": torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`) on bf16 activations.
 - "dequant": dequantize to the compute dtype on every call, then a float matmul: the reference every other
@@ -14,13 +15,15 @@ GPU: "triton" calls kernels.quant_matmul's fused dequant-matmul when that module
 from __future__ import annotations
 
 import importlib
+import threading
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.weight_quant_cpu import PanelWeight, pack_panels, quant_linear_cpu, weight_quant_kernels
+from kernels.weight_quant_cpu import (PanelWeight, dequant_panels_t, pack_panels, quant_linear_cpu,
+                                      weight_quant_kernels)
 from serving.quant.layout import QuantizedWeight, dequantize, unpack_nibbles
 
 CPU_PATHS = ("kernel", "fbgemm", "int4pack", "dequant")
@@ -29,6 +32,16 @@ CPU_PATHS = ("kernel", "fbgemm", "int4pack", "dequant")
 # activations and outputs to bf16 (86% agreement, slower than fp32 at M >= 32). "kernel" keeps fp32
 # activations (100% agreement on the engine test) and is the default wherever the extension compiles.
 DEFAULT_CPU_PATH = "kernel"
+KERNEL_GEMM_MIN_M = 128  # from here on the float GEMM over a dequantized weight wins (benchmarks/quant_cpu.py)
+KERNEL_TILE_PANELS = 256  # panels dequantized per GEMM: whole layers, the lm_head in tiles of 2-4k rows
+_tile_buffers = threading.local()  # per thread: one fp32 buffer reused for every tile (fresh MBs page-fault)
+
+
+def _tile_buffer(numel: int) -> torch.Tensor:
+    buffer = getattr(_tile_buffers, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _tile_buffers.buffer = torch.empty(numel)
+    return buffer[:numel]
 
 
 def _triton_ops():
@@ -112,7 +125,15 @@ class QuantLinear(nn.Module):
         return F.linear(x, dequantize(self.qw, x.dtype))
 
     def _mm_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear_cpu(x.float(), self.panels)
+        x = x.float()
+        if x.shape[0] < KERNEL_GEMM_MIN_M:
+            return quant_linear_cpu(x, self.panels)
+        panels, outs = self.panels, []
+        for p0 in range(0, panels.qweight.shape[0], KERNEL_TILE_PANELS):
+            tile = panels.slice(p0, p0 + KERNEL_TILE_PANELS)
+            w_t = dequant_panels_t(tile, _tile_buffer(tile.shape[1] * tile.padded_rows).view(tile.shape[1], -1))
+            outs.append(x @ w_t)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _mm_fbgemm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed)
