@@ -9,6 +9,8 @@ import logging
 import os
 import threading
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
@@ -60,3 +62,16 @@ _paged_attention = LazyExtension("frugal_cpu_kernels", [os.path.join(_CSRC, "pag
 def cpu_kernels():
     """The compiled paged-attention module, or None when disabled or the build failed."""
     return _paged_attention.get()
+
+
+# NOTE: no -ffast-math and no FMA contraction here: these ops must round as the torch expressions they replace.
+_fused_ops = LazyExtension("frugal_fused_cpu", [os.path.join(_CSRC, "fused_ops_cpu.cpp")],
+                           ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], _LDFLAGS)
+
+
+def fused_ops(x=None):
+    """The compiled fused decoder ops (RMSNorm with the residual add, rotary, KV write), or None when disabled,
+    the build failed, or `x` (when given) is not an fp32 CPU tensor they take."""
+    if x is not None and (x.device.type != "cpu" or x.dtype != torch.float32):
+        return None
+    return _fused_ops.get()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_ops import cpu_kernels
+from kernels.cpu_ops import cpu_kernels, fused_ops
 
 
 @dataclass(slots=True)
@@ -44,6 +44,11 @@ class AttentionMetadata:
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     # k, v: [T, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]
+    ops = fused_ops(k)
+    if ops is not None and k_cache.dtype == torch.float32 and k.stride(2) == 1 and k.stride(1) == k.shape[2] \
+            and v.stride(2) == 1 and v.stride(1) == v.shape[2]:
+        ops.write_kv(k.flatten(1), v.flatten(1), k_cache, v_cache, slot_mapping)
+        return
     k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 

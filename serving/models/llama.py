@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.cpu_ops import fused_ops
 from kernels.paged_attention import AttentionMetadata, paged_attention, write_kv
 from serving.models.rope import RotaryEmbedding
 
@@ -53,7 +54,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x); with `residual`, first residual += x in place (the residual stream's add) and norm that."""
+        ops = fused_ops(x)
+        if ops is not None and x.dim() == 2:
+            return ops.rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = residual.add_(x)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -78,11 +85,13 @@ class Attention(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
+        rotated = rope.rotate_qkv_(meta.positions, qkv, self.num_heads, self.num_kv_heads)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rope(meta.positions, q, k)
+        if not rotated:
+            q, k = rope(meta.positions, q, k)
         k_cache, v_cache = kv_cache
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
@@ -110,9 +119,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, rope, meta, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, meta, kv_cache):
+        """x: the previous layer's output, not yet added to `residual` (the residual stream; None before the
+        first layer, where x is the embedding). Returns this layer's output and the stream, likewise: each
+        add is fused into the norm that follows it."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, meta, kv_cache)
+        h = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -129,11 +146,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Runs one flat batch; returns hidden states of the tokens in meta.logits_indices."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, self.rope, meta, kv_cache)
-        x = x.index_select(0, meta.logits_indices)
-        return self.norm(x)
+            x, residual = layer(x, residual, self.rope, meta, kv_cache)
+        x, residual = x.index_select(0, meta.logits_indices), residual.index_select(0, meta.logits_indices)
+        return self.norm(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # NOTE: called as a module, so a packed lm_head (serving/quant) runs its own matmul path

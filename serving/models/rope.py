@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from kernels.cpu_ops import fused_ops
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -58,6 +60,15 @@ class RotaryEmbedding(nn.Module):
         # cos/sin: [max_positions, head_dim]
         self.register_buffer("cos", emb.cos() * attention_factor, persistent=False)
         self.register_buffer("sin", emb.sin() * attention_factor, persistent=False)
+
+    def rotate_qkv_(self, positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> bool:
+        """Rotates the query and key heads of a fused [T, (H + 2 KV) * head_dim] qkv in place with the compiled
+        CPU op; False (nothing done) where it does not apply, and the caller rotates with `forward`."""
+        ops = fused_ops(qkv)
+        if ops is None or qkv.dim() != 2 or qkv.stride(1) != 1 or self.cos.dtype != torch.float32:
+            return False
+        ops.rotary_(qkv, positions, self.cos, self.sin, num_heads, num_kv_heads, self.cos.shape[1])
+        return True
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim], positions: [T]
