@@ -62,8 +62,9 @@ def test_paged_attention_matches_reference(monkeypatch, use_kernel, num_heads, n
                                            block_size, seqs):
     if use_kernel and cpu_kernels() is None:
         pytest.skip("CPU kernels could not be built here")
-    if not use_kernel:
+    if not use_kernel:  # the torch path throughout, the KV write included
         monkeypatch.setattr("kernels.paged_attention._use_cpu_kernel", lambda q, k: False)
+        monkeypatch.setattr("kernels.paged_attention.fused_ops", lambda x=None: None)
     q, k, v, k_cache, v_cache, tables = _case(0, num_heads, num_kv_heads, head_dim, block_size, seqs)
     meta = _meta(seqs, tables, block_size)
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
