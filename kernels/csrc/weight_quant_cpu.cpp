@@ -250,7 +250,9 @@ __attribute__((noinline)) void fused_kernel(Panel p, const float* x, int64_t ldx
   store_rows<R>(even, y, ldy, cols);
 }
 
-constexpr int kFusedMaxRows = 4;  // above this many rows the buffered micro-kernel wins (benchmarks/quant_cpu.py)
+// NOTE: the fused loop holds 2 x rows accumulators; past 4 rows they no longer fit AVX2's 16 registers next to
+// the weights, and the buffered micro-kernel takes over.
+constexpr int kFusedMaxRows = 4;
 
 using MicroFn = void (*)(const float*, bool, const float*, int64_t, float*, int64_t, int64_t, int64_t);
 using FusedFn = void (*)(Panel, const float*, int64_t, int64_t, int64_t, bool, float*, int64_t, int64_t);
