@@ -5,6 +5,7 @@ Building takes about a minute once per machine; the result is cached by torch un
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -21,15 +22,23 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-
 _LDFLAGS = ["-fopenmp"]
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class LazyExtension:
     """A torch C++ extension built on first use; `get()` returns the module, or None when FRUGAL_CPU_KERNELS=0
     or the build failed (logged once, then callers take their fallback path)."""
 
     def __init__(self, name: str, sources: list[str], cflags: list[str], ldflags: list[str] | None = None,
-                 fallback: str = "the torch path"):
+                 fallback: str = "the torch path", headers: tuple[str, ...] = ("vec.h",)):
         self.name = name
         self.sources = sources
-        self.cflags = cflags
+        # NOTE: torch rebuilds a cached extension when its sources or flags change, not its headers: a digest
+        # of the headers in the flags makes a header edit rebuild too.
+        digest = hashlib.sha1(b"".join(_read(os.path.join(_CSRC, h)) for h in headers)).hexdigest()[:16]
+        self.cflags = [*cflags, f"-DFRUGAL_HEADERS_DIGEST={digest}"]
         self.ldflags = ldflags or []
         self.fallback = fallback
         self._lock = threading.Lock()

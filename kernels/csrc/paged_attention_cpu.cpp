@@ -2,6 +2,9 @@
 // paged cache (no gather copy). Work is split over (sequence, kv head) pairs with ATen's thread pool; the query
 // heads that share a kv head are handled together so each key and value row is loaded once, and one sequence's
 // kv heads run back to back in one task so every cache line of a block is used while it is hot.
+// Head sizes that are a multiple of the vector width (vec.h) up to 16 vectors take a loop written in vectors
+// with the head size fixed at compile time: a key row and each query head's accumulators stay in registers.
+// Other head sizes take the portable loop.
 //
 // q:            [B, H, D]          float32, contiguous
 // k_cache:      [NB, BS, KV, D]    float32, contiguous (v_cache alike)
@@ -11,10 +14,79 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
+
+namespace {
+
+// One (sequence, kv head) task with D = NC * P: scores for the G query heads, softmax, weighted values.
+// q: [G, D]; out: [G, D]; scores: room for G * L floats.
+template <int NC>
+void attend_vec(const float* q, int64_t G, const float* k_head, const float* v_head, const int64_t* table, int64_t L,
+                int64_t BS, int64_t row, float scale, float* scores, float* out) {
+  constexpr int64_t D = NC * P;
+  for (int64_t t0 = 0; t0 < L; t0 += BS) {
+    const float* kb = k_head + table[t0 / BS] * BS * row;
+    const int64_t n = std::min(BS, L - t0);
+    for (int64_t j = 0; j < n; ++j) {
+      vec k[NC];
+      for (int c = 0; c < NC; ++c) k[c] = vload(kb + j * row + c * P);
+      for (int64_t g = 0; g < G; ++g) {
+        vec a = vmul(vload(q + g * D), k[0]);
+        for (int c = 1; c < NC; ++c) a = vfma(vload(q + g * D + c * P), k[c], a);
+        scores[g * L + t0 + j] = vsum(a) * scale;
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * L;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < L; ++t) m = std::max(m, sg[t]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < L; ++t) {
+      sg[t] = std::exp(sg[t] - m);
+      sum += sg[t];
+    }
+    const float inv = 1.f / sum;
+    vec acc[NC];
+    for (int c = 0; c < NC; ++c) acc[c] = vzero();
+    for (int64_t t0 = 0; t0 < L; t0 += BS) {
+      const float* vb = v_head + table[t0 / BS] * BS * row;
+      const int64_t n = std::min(BS, L - t0);
+      for (int64_t j = 0; j < n; ++j) {
+        const vec w = vbcast(sg + t0 + j);
+        for (int c = 0; c < NC; ++c) acc[c] = vfma(w, vload(vb + j * row + c * P), acc[c]);
+      }
+    }
+    const vec vinv = vbcast(&inv);
+    for (int c = 0; c < NC; ++c) vstore(out + g * D + c * P, vmul(acc[c], vinv));
+  }
+}
+
+using AttendFn = void (*)(const float*, int64_t, const float*, const float*, const int64_t*, int64_t, int64_t,
+                          int64_t, float, float*, float*);
+
+AttendFn attend_for(int64_t D) {
+  if (D % P) return nullptr;
+  switch (D / P) {
+    case 1: return &attend_vec<1>;
+    case 2: return &attend_vec<2>;
+    case 3: return &attend_vec<3>;
+    case 4: return &attend_vec<4>;
+    case 5: return &attend_vec<5>;
+    case 6: return &attend_vec<6>;
+    case 8: return &attend_vec<8>;
+    case 16: return &attend_vec<16>;
+    default: return nullptr;
+  }
+}
+
+}  // namespace
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
@@ -42,6 +114,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   const float fscale = static_cast<float>(scale);
   const int64_t row = KV * D;  // floats between consecutive tokens of one block
 
+  const AttendFn attend = attend_for(D);
   at::parallel_for(0, B * KV, KV, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<float> acc(G * D);
@@ -52,6 +125,10 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       scores.resize(G * L);
       const int64_t* table = btp + b * MAXB;
       const float* qh = qp + (b * H + h * G) * D;
+      if (attend != nullptr) {
+        attend(qh, G, kp + h * D, vp + h * D, table, L, BS, row, fscale, scores.data(), op + (b * H + h * G) * D);
+        continue;
+      }
       // Pass 1: scaled scores for every token, all G query heads at once.
       for (int64_t t0 = 0; t0 < L; t0 += BS) {
         const float* kb = kp + table[t0 / BS] * BS * row + h * D;

@@ -16,110 +16,22 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <utility>
 #include <vector>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
 #if defined(__AVX512F__)
-constexpr int P = 16;
 constexpr int MR = 12;  // 2 x 12 accumulators + 2 weight vectors of 32 registers
-using vec = __m512;
-inline vec vzero() { return _mm512_setzero_ps(); }
-inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
-inline vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
-inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
-inline vec vhalf(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-// P bytes -> low nibbles (one k) and high nibbles (the next k) as floats
-inline void vnibbles(const uint8_t* q, vec& lo, vec& hi) {
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-}
-inline vec vint8(const int8_t* q) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
-}
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-constexpr int P = 8;
 constexpr int MR = 6;  // 2 x 6 accumulators + 2 weight vectors + a broadcast of 16 registers
-using vec = __m256;
-inline vec vzero() { return _mm256_setzero_ps(); }
-inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
-inline vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
-inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
-inline vec vhalf(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline void vnibbles(const uint8_t* q, vec& lo, vec& hi) {
-  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
-  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
-}
-inline vec vint8(const int8_t* q) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
-}
 #else
-// Portable: P floats in a struct; the compiler vectorizes what it can.
-constexpr int P = 8;
 constexpr int MR = 4;
-struct vec {
-  float v[P];
-};
-inline vec vzero() { return vec{}; }
-inline vec vload(const float* p) {
-  vec r;
-  std::copy(p, p + P, r.v);
-  return r;
-}
-inline void vstore(float* p, vec a) { std::copy(a.v, a.v + P, p); }
-inline vec vbcast(const float* p) {
-  vec r;
-  std::fill(r.v, r.v + P, *p);
-  return r;
-}
-#define FRUGAL_VEC_OP(name, expr)   \
-  inline vec name(vec a, vec b) {   \
-    vec r;                          \
-    for (int i = 0; i < P; ++i) r.v[i] = expr; \
-    return r;                       \
-  }
-FRUGAL_VEC_OP(vadd, a.v[i] + b.v[i])
-FRUGAL_VEC_OP(vmul, a.v[i] * b.v[i])
-#undef FRUGAL_VEC_OP
-inline vec vfma(vec a, vec b, vec c) {
-  for (int i = 0; i < P; ++i) c.v[i] = std::fma(a.v[i], b.v[i], c.v[i]);
-  return c;
-}
-inline vec vhalf(const at::Half* p) {
-  vec r;
-  for (int i = 0; i < P; ++i) r.v[i] = static_cast<float>(p[i]);
-  return r;
-}
-inline void vnibbles(const uint8_t* q, vec& lo, vec& hi) {
-  for (int i = 0; i < P; ++i) {
-    lo.v[i] = static_cast<float>(q[i] & 0x0F);
-    hi.v[i] = static_cast<float>(q[i] >> 4);
-  }
-}
-inline vec vint8(const int8_t* q) {
-  vec r;
-  for (int i = 0; i < P; ++i) r.v[i] = static_cast<float>(q[i]);
-  return r;
-}
 #endif
 
 // NOTE: a panel's share of the work below this many weights is not worth waking a second OpenMP thread for.
