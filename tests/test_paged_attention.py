@@ -1,9 +1,21 @@
 """Paged attention against its naive float64 reference, on odd shapes, both the torch path and the CPU kernel."""
+import os
+
 import pytest
 import torch
 
-from kernels.cpu_ops import cpu_kernels
-from kernels.paged_attention import AttentionMetadata, PrefillChunk, paged_attention, paged_attention_ref, write_kv
+from kernels.cpu_ops import _CFLAGS, _CSRC, _LDFLAGS, cpu_kernels
+from kernels.paged_attention import (AttentionMetadata, PrefillChunk, paged_attention, paged_attention_ref,
+                                     write_kv)
+from cpu_builds import OTHER_BUILD_IDS, OTHER_BUILDS, build_variant
+
+SHAPES = [
+    (9, 3, 64, 16, [(0, 1), (15, 1), (16, 1), (40, 1), (0, 7), (5, 11)]),
+    (4, 4, 32, 8, [(3, 1), (0, 33)]),
+    (8, 1, 16, 4, [(100, 1), (1, 1), (2, 1), (9, 5)]),
+    (6, 2, 48, 16, [(0, 19)]),
+    (2, 2, 8, 1, [(6, 1), (0, 3), (4, 2)]),
+]
 
 
 def _case(seed, num_heads, num_kv_heads, head_dim, block_size, seqs):
@@ -51,13 +63,7 @@ def _meta(seqs, tables, block_size):
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])
-@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size, seqs", [
-    (9, 3, 64, 16, [(0, 1), (15, 1), (16, 1), (40, 1), (0, 7), (5, 11)]),
-    (4, 4, 32, 8, [(3, 1), (0, 33)]),
-    (8, 1, 16, 4, [(100, 1), (1, 1), (2, 1), (9, 5)]),
-    (6, 2, 48, 16, [(0, 19)]),
-    (2, 2, 8, 1, [(6, 1), (0, 3), (4, 2)]),
-])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size, seqs", SHAPES)
 def test_paged_attention_matches_reference(monkeypatch, use_kernel, num_heads, num_kv_heads, head_dim,
                                            block_size, seqs):
     if use_kernel and cpu_kernels() is None:
@@ -87,3 +93,22 @@ def test_decode_kernel_is_batch_invariant():
         alone = cpu_kernels().paged_decode_attention(q[i:i + 1], k_cache, v_cache, meta.decode_block_tables[i:i + 1],
                                                      meta.decode_context_lens[i:i + 1], 0.125)
         assert torch.equal(alone[0], together[i])
+
+
+@pytest.mark.parametrize("label,arch_flags", OTHER_BUILDS, ids=OTHER_BUILD_IDS)
+def test_decode_kernel_other_vector_widths(label, arch_flags):
+    if cpu_kernels() is None:
+        pytest.skip("CPU kernels could not be built here")
+    ext = build_variant("frugal_cpu_kernels", [os.path.join(_CSRC, "paged_attention_cpu.cpp")], _CFLAGS, _LDFLAGS,
+                        label, arch_flags)
+    for num_heads, num_kv_heads, head_dim, block_size, seqs in SHAPES:
+        decodes = [(s, n) for s, n in seqs if n == 1]
+        if not decodes:
+            continue
+        q, _, _, k_cache, v_cache, tables = _case(2, num_heads, num_kv_heads, head_dim, block_size, decodes)
+        meta = _meta(decodes, tables, block_size)
+        out = ext.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                         head_dim ** -0.5)
+        ref = paged_attention_ref(q, k_cache, v_cache, tables, [s for s, _ in decodes], [1] * len(decodes),
+                                  head_dim ** -0.5)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ from kernels.weight_quant_cpu import (dequant_panels_t, dequant_ref, pack_panels
                                       quant_linear_cpu_ref, weight_quant_kernels)
 from serving.quant.layout import dequantize, quantize
 from serving.quant.linear import QuantLinear
+from cpu_builds import OTHER_BUILD_IDS, OTHER_BUILDS, build_variant
 
 needs_kernel = pytest.mark.skipif(weight_quant_kernels() is None, reason="CPU weight-quant kernel did not build")
 # (N, K, format): N that fills no panel / ends mid-panel / an odd number of panels, K that is a single group,
@@ -85,29 +86,12 @@ def test_gpu_path_matches_dequantized_linear(fmt):
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        return set()
-
-
-# The kernel compiles for the host's widest vectors; the other widths it carries are built here too, so a
-# machine with AVX-512 also proves the AVX2 and portable loops CI may run elsewhere.
-OTHER_BUILDS = [("portable", ["-march=x86-64"])]
-if "avx512f" in _cpu_flags():
-    OTHER_BUILDS.append(("avx2", ["-march=native", "-mno-avx512f"]))
-
-
 @needs_kernel
-@pytest.mark.parametrize("label,arch_flags", OTHER_BUILDS, ids=[b[0] for b in OTHER_BUILDS])
+@pytest.mark.parametrize("label,arch_flags", OTHER_BUILDS, ids=OTHER_BUILD_IDS)
 def test_other_vector_widths_match_reference(label, arch_flags):
-    from kernels.cpu_ops import LazyExtension
-    from kernels.weight_quant_cpu import _LDFLAGS, _SOURCE
+    from kernels.weight_quant_cpu import _CFLAGS, _LDFLAGS, _SOURCE
 
-    flags = ["-O3", "-fopenmp", "-ffp-contract=off"] + arch_flags
-    ext = LazyExtension(f"frugal_weight_quant_cpu_{label}", [_SOURCE], flags, _LDFLAGS).get()
+    ext = build_variant("frugal_weight_quant_cpu", [_SOURCE], _CFLAGS, _LDFLAGS, label, arch_flags)
     assert ext is not None
     width = ext.panel_width()
     for n, k, fmt in SHAPES:
