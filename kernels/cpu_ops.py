@@ -56,6 +56,7 @@ class LazyExtension:
                 try:
                     from torch.utils.cpp_extension import load
 
+                    logger.info("loading %s (compiled on first use on this machine, about a minute)", self.name)
                     self._module = load(name=self.name, sources=self.sources, extra_cflags=self.cflags,
                                         extra_ldflags=self.ldflags, verbose=False)
                 except Exception as e:  # no compiler, no ninja, read-only cache...

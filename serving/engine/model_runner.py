@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from kernels.cpu_ops import cpu_kernels
+from kernels.cpu_ops import cpu_kernels, fused_ops
 from kernels.paged_attention import AttentionMetadata, PrefillChunk
 from scheduler.output import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from serving.engine.sampler import SamplingState, sample
@@ -37,6 +37,8 @@ class ModelRunner:
         # slots, so there the cache is left unzeroed: the OS maps pages as they are first written, and a large
         # budget costs neither start-up time nor resident memory until it is used.
         alloc = torch.empty if device.type == "cpu" and kv_dtype == torch.float32 and cpu_kernels() else torch.zeros
+        if device.type == "cpu":
+            fused_ops()  # built (first use on this machine) or loaded now, not inside the first request's time
         # One (K, V) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim]
         self.kv_caches = [(alloc(shape, dtype=kv_dtype, device=device), alloc(shape, dtype=kv_dtype, device=device))
                           for _ in range(self.args.num_layers)]
