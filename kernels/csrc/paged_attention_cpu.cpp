@@ -23,6 +23,19 @@
 
 namespace {
 
+// Scores -> unnormalized softmax weights in place; returns 1 / their sum.
+float softmax_weights(float* s, int64_t L) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < L; ++t) m = std::max(m, s[t]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < L; ++t) {
+    s[t] = std::exp(s[t] - m);
+    sum += s[t];
+  }
+  return 1.f / sum;
+}
+
 // One (sequence, kv head) task with D = NC * P: scores for the G query heads, softmax, weighted values.
 // q: [G, D]; out: [G, D]; scores: room for G * L floats.
 template <int NC>
@@ -44,15 +57,7 @@ void attend_vec(const float* q, int64_t G, const float* k_head, const float* v_h
   }
   for (int64_t g = 0; g < G; ++g) {
     float* sg = scores + g * L;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < L; ++t) m = std::max(m, sg[t]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < L; ++t) {
-      sg[t] = std::exp(sg[t] - m);
-      sum += sg[t];
-    }
-    const float inv = 1.f / sum;
+    const float inv = softmax_weights(sg, L);
     vec acc[NC];
     for (int c = 0; c < NC; ++c) acc[c] = vzero();
     for (int64_t t0 = 0; t0 < L; t0 += BS) {
@@ -146,18 +151,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       }
       // Pass 2: softmax weights per query head.
       std::vector<float> inv_sum(G);
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * L;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < L; ++t) m = std::max(m, sg[t]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < L; ++t) {
-          sg[t] = std::exp(sg[t] - m);
-          sum += sg[t];
-        }
-        inv_sum[g] = 1.f / sum;
-      }
+      for (int64_t g = 0; g < G; ++g) inv_sum[g] = softmax_weights(scores.data() + g * L, L);
       // Pass 3: weighted sum of values.
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = 0; t0 < L; t0 += BS) {

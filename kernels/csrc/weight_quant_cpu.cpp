@@ -45,6 +45,16 @@ struct Panel {
   const at::Half* mins;
 };
 
+// The dequantization arithmetic, in one place: `q * scale + min` (int4) or `q * scale` (int8), each step
+// rounded, as serving.quant.layout.dequantize does. int4: P bytes -> the weights of k and k + 1.
+inline void dequant_int4_pair(const uint8_t* q, vec s, vec m, vec& w0, vec& w1) {
+  vec lo, hi;
+  vnibbles(q, lo, hi);
+  w0 = vadd(vmul(lo, s), m);
+  w1 = vadd(vmul(hi, s), m);
+}
+inline vec dequant_int8(const int8_t* q, vec s) { return vmul(vint8(q), s); }
+
 // The panel as fp32 [K, P] with row stride ld: buf[k * ld + j] = w[n0 + j, k].
 // NOTE: noinline, here and below: inlined into the OpenMP-outlined parallel_for body the loops compiled
 // several times slower (measured).
@@ -54,14 +64,14 @@ __attribute__((noinline)) void dequant_panel(Panel p, int64_t K, int64_t G, bool
     if (int4) {
       const vec m = vhalf(p.mins + g * P);
       for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
-        vec lo, hi;
-        vnibbles(p.q + k / 2 * P, lo, hi);
-        vstore(buf + k * ld, vadd(vmul(lo, s), m));
-        vstore(buf + (k + 1) * ld, vadd(vmul(hi, s), m));
+        vec w0, w1;
+        dequant_int4_pair(p.q + k / 2 * P, s, m, w0, w1);
+        vstore(buf + k * ld, w0);
+        vstore(buf + (k + 1) * ld, w1);
       }
     } else {
       const int8_t* q = reinterpret_cast<const int8_t*>(p.q);
-      for (int64_t k = g * G; k < (g + 1) * G; ++k) vstore(buf + k * ld, vmul(vint8(q + k * P), s));
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) vstore(buf + k * ld, dequant_int8(q + k * P, s));
     }
   }
 }
@@ -134,9 +144,8 @@ __attribute__((noinline)) void fused_kernel(Panel p, const float* x, int64_t ldx
     if (int4) {
       const vec m = vhalf(p.mins + g * P);
       for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
-        vec lo, hi;
-        vnibbles(p.q + k / 2 * P, lo, hi);
-        const vec w0 = vadd(vmul(lo, s), m), w1 = vadd(vmul(hi, s), m);
+        vec w0, w1;
+        dequant_int4_pair(p.q + k / 2 * P, s, m, w0, w1);
         for (int i = 0; i < R; ++i) {
           even[i] = vfma(w0, vbcast(x + i * ldx + k), even[i]);
           odd[i] = vfma(w1, vbcast(x + i * ldx + k + 1), odd[i]);
@@ -146,14 +155,14 @@ __attribute__((noinline)) void fused_kernel(Panel p, const float* x, int64_t ldx
       const int8_t* q = reinterpret_cast<const int8_t*>(p.q);
       int64_t k = g * G;
       for (; k + 1 < (g + 1) * G; k += 2) {
-        const vec w0 = vmul(vint8(q + k * P), s), w1 = vmul(vint8(q + (k + 1) * P), s);
+        const vec w0 = dequant_int8(q + k * P, s), w1 = dequant_int8(q + (k + 1) * P, s);
         for (int i = 0; i < R; ++i) {
           even[i] = vfma(w0, vbcast(x + i * ldx + k), even[i]);
           odd[i] = vfma(w1, vbcast(x + i * ldx + k + 1), odd[i]);
         }
       }
       if (k < (g + 1) * G) {  // odd group size (per-channel int8 with an odd K)
-        const vec w0 = vmul(vint8(q + k * P), s);
+        const vec w0 = dequant_int8(q + k * P, s);
         for (int i = 0; i < R; ++i) even[i] = vfma(w0, vbcast(x + i * ldx + k), even[i]);
       }
     }
