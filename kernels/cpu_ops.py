@@ -1,13 +1,18 @@
 """CPU fast paths compiled on first use (torch C++ extension), with the plain-torch path as the fallback.
 
 Building takes about a minute once per machine; the result is cached by torch under TORCH_EXTENSIONS_DIR
-(default ~/.cache/torch_extensions). Set FRUGAL_CPU_KERNELS=0 to skip them (e.g. on a host without a compiler).
+(default ~/.cache/torch_extensions), one build per CPU feature set (`build_name`). Set FRUGAL_CPU_KERNELS=0 to
+skip them (e.g. on a host without a compiler).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import re
+import shlex
+import subprocess
 import threading
 
 import torch
@@ -20,6 +25,10 @@ _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 # (libgomp.so.1 resolves to the copy torch already loaded, so there is one OpenMP runtime).
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
 _LDFLAGS = ["-fopenmp"]
+# clang's compiler proper takes the target as "-target-cpu X" / "-target-feature +avx2" pairs
+_CLANG_TARGET_ARGS = ("-target-cpu", "-tune-cpu", "-target-feature")
+# the lines of a failed build worth a log line: compiler and linker errors, not the command lines around them
+_ERROR_LINE = re.compile(r"(^|: )(fatal )?error\b|undefined reference")
 
 
 def _read(path: str) -> bytes:
@@ -27,9 +36,69 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+def parse_target_flags(verbose_output: str) -> tuple[str, ...]:
+    """The target flags on the compiler-proper line of `<cxx> -v` output (gcc's cc1plus: -march=, -mtune=,
+    -m<feature>; clang's -cc1: -target-cpu, -target-feature), in order; () when there is no such line."""
+    for line in verbose_output.splitlines():
+        if "cc1" not in line:
+            continue
+        tokens = shlex.split(line)  # clang quotes every argument
+        if tokens and (tokens[0].endswith("cc1plus") or "-cc1" in tokens):
+            return tuple([t for t in tokens if t.startswith("-m")]
+                         + [f"{a}={b}" for a, b in zip(tokens, tokens[1:]) if a in _CLANG_TARGET_ARGS])
+    return ()
+
+
+@functools.cache
+def _probe(cxx: str, arch_flags: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        run = subprocess.run([*shlex.split(cxx), *arch_flags, "-E", "-v", "-x", "c++", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return arch_flags  # no compiler: the build fails too, with its own message
+    if run.returncode != 0:
+        return arch_flags  # the build fails on the same flags
+    resolved = parse_target_flags(run.stderr)
+    if not resolved:
+        # NOTE: refusing is safer than a cache entry that another CPU could load and die on (SIGILL)
+        raise RuntimeError(f"cannot tell what {' '.join(arch_flags)} selects: no target flags in `{cxx} -v`")
+    return resolved
+
+
+def resolved_arch(cflags: list[str]) -> tuple[str, ...]:
+    """The target `cflags` select with the compiler torch builds with: their -m flags, -march=native (or
+    -mtune/-mcpu=native) expanded into this host's CPU and features by the compiler driver. Probed once per
+    process and compiler (a few ms)."""
+    arch_flags = tuple(f for f in cflags if f.startswith("-m"))
+    if not any(f.endswith("=native") for f in arch_flags):
+        return arch_flags
+    from torch.utils.cpp_extension import get_cxx_compiler
+
+    return _probe(get_cxx_compiler(), arch_flags)
+
+
+def build_name(name: str, cflags: list[str]) -> str:
+    """`name` with a digest of the target `cflags` select on this host. torch keys its build cache by name,
+    sources and flags, and the flag "-march=native" reads the same on every CPU: a build made for AVX-512 (a
+    container image, a shared home) would load on an AVX2 host and die with SIGILL. In the name, each feature set
+    gets a build directory of its own, so none is loaded elsewhere and none is rebuilt when another is used."""
+    # NOTE: only the -m flags: cache-size tuning (--param l1-cache-size=...) changes speed, not what runs
+    digest = hashlib.sha1(" ".join(resolved_arch(cflags)).encode()).hexdigest()[:12]
+    return f"{name}_{digest}"
+
+
+def _build_error(e: Exception) -> str:
+    """The first line of a build failure and its first compiler errors, not the whole ninja log."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    head = lines[0].split(": [", 1)[0]  # torch prefixes the ninja log with "Error building extension 'x': "
+    errors = [line for line in lines[1:] if _ERROR_LINE.search(line)][:3]
+    return "; ".join([head[:300], *errors])
+
+
 class LazyExtension:
     """A torch C++ extension built on first use; `get()` returns the module, or None when FRUGAL_CPU_KERNELS=0
-    or the build failed (logged once, then callers take their fallback path)."""
+    or the build failed (logged once, then callers take their fallback path). After a failed build `error`
+    holds the reason, for the engine's log and the tests; it stays None when the kernels are disabled."""
 
     def __init__(self, name: str, sources: list[str], cflags: list[str], ldflags: list[str] | None = None,
                  fallback: str = "the torch path", headers: tuple[str, ...] = ("vec.h",)):
@@ -41,27 +110,29 @@ class LazyExtension:
         self.cflags = [*cflags, f"-DFRUGAL_HEADERS_DIGEST={digest}"]
         self.ldflags = ldflags or []
         self.fallback = fallback
+        self.error: str | None = None
         self._lock = threading.Lock()
         self._module = None
-        self._failed = False
+        self._tried = False
 
     def get(self):
-        if self._module is not None or self._failed:
+        if self._module is not None or self._tried:
             return self._module
         if os.environ.get("FRUGAL_CPU_KERNELS", "1") == "0":
-            self._failed = True
             return None
         with self._lock:
-            if self._module is None and not self._failed:
+            if not self._tried:
                 try:
                     from torch.utils.cpp_extension import load
 
                     logger.info("loading %s (compiled on first use on this machine, about a minute)", self.name)
-                    self._module = load(name=self.name, sources=self.sources, extra_cflags=self.cflags,
-                                        extra_ldflags=self.ldflags, verbose=False)
-                except Exception as e:  # no compiler, no ninja, read-only cache...
-                    logger.warning("%s unavailable, using %s: %s", self.name, self.fallback, e)
-                    self._failed = True
+                    self._module = load(name=build_name(self.name, self.cflags), sources=self.sources,
+                                        extra_cflags=self.cflags, extra_ldflags=self.ldflags, verbose=False)
+                except Exception as e:  # no compiler, no ninja, a compile error, read-only cache...
+                    self.error = _build_error(e)
+                    logger.warning("CPU extension %s did not build, using the slower fallback (%s): %s",
+                                   self.name, self.fallback, self.error)
+                self._tried = True
         return self._module
 
 

@@ -10,9 +10,9 @@ vector load reads one input feature for P outputs:
 N is padded to a multiple of P with zero rows. It is a pure permutation of the packed bytes (no re-encoding):
 `pack_panels` builds it at load and `PanelWeight.rows` reads rows back in the packed layout.
 
-Compiled on first use like kernels/cpu_ops.py (torch C++ extension, cached under TORCH_EXTENSIONS_DIR);
-`weight_quant_kernels()` returns None when FRUGAL_CPU_KERNELS=0 or the build fails, and callers fall back to
-dequantize-then-matmul. The launcher checks shapes; `quant_linear_cpu_ref` is the pure-torch reference.
+Compiled on first use like kernels/cpu_ops.py (torch C++ extension, cached under TORCH_EXTENSIONS_DIR once per
+CPU feature set); `weight_quant_kernels()` returns None when FRUGAL_CPU_KERNELS=0 or the build fails (the reason
+in `_extension.error`), and callers fall back to dequantize-then-matmul. The launcher checks shapes; `quant_linear_cpu_ref` is the pure-torch reference.
 """
 from __future__ import annotations
 

@@ -2,12 +2,19 @@
 import pytest
 import torch
 
-from kernels.cpu_ops import fused_ops
+from kernels.cpu_ops import _fused_ops
 from kernels.paged_attention import AttentionMetadata, PrefillChunk, write_kv
 from serving.models.llama import LlamaForCausalLM, ModelArgs, RMSNorm
 from serving.models.rope import RotaryEmbedding
+from cpu_builds import require
 
-needs_ops = pytest.mark.skipif(fused_ops() is None, reason="fused CPU ops could not be built here")
+
+@pytest.fixture
+def built_ops():
+    return require(_fused_ops)
+
+
+needs_ops = pytest.mark.usefixtures("built_ops")
 
 
 def _torch_path(monkeypatch):

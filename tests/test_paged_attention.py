@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
-from kernels.cpu_ops import _CFLAGS, _CSRC, _LDFLAGS, cpu_kernels
+from kernels.cpu_ops import _CFLAGS, _CSRC, _LDFLAGS, _paged_attention, cpu_kernels
 from kernels.paged_attention import (AttentionMetadata, PrefillChunk, paged_attention, paged_attention_ref,
                                      write_kv)
-from cpu_builds import OTHER_BUILD_IDS, OTHER_BUILDS, build_variant
+from cpu_builds import OTHER_BUILD_IDS, OTHER_BUILDS, build_variant, require
 
 SHAPES = [
     (9, 3, 64, 16, [(0, 1), (15, 1), (16, 1), (40, 1), (0, 7), (5, 11)]),
@@ -66,9 +66,9 @@ def _meta(seqs, tables, block_size):
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size, seqs", SHAPES)
 def test_paged_attention_matches_reference(monkeypatch, use_kernel, num_heads, num_kv_heads, head_dim,
                                            block_size, seqs):
-    if use_kernel and cpu_kernels() is None:
-        pytest.skip("CPU kernels could not be built here")
-    if not use_kernel:  # the torch path throughout, the KV write included
+    if use_kernel:
+        require(_paged_attention)
+    else:  # the torch path throughout, the KV write included
         monkeypatch.setattr("kernels.paged_attention._use_cpu_kernel", lambda q, k: False)
         monkeypatch.setattr("kernels.paged_attention.fused_ops", lambda x=None: None)
     q, k, v, k_cache, v_cache, tables = _case(0, num_heads, num_kv_heads, head_dim, block_size, seqs)
@@ -82,8 +82,7 @@ def test_paged_attention_matches_reference(monkeypatch, use_kernel, num_heads, n
 
 
 def test_decode_kernel_is_batch_invariant():
-    if cpu_kernels() is None:
-        pytest.skip("CPU kernels could not be built here")
+    require(_paged_attention)
     seqs = [(s, 1) for s in (3, 17, 64, 130)]
     q, _, _, k_cache, v_cache, tables = _case(1, 9, 3, 64, 16, seqs)
     meta = _meta(seqs, tables, 16)
@@ -97,8 +96,7 @@ def test_decode_kernel_is_batch_invariant():
 
 @pytest.mark.parametrize("label,arch_flags", OTHER_BUILDS, ids=OTHER_BUILD_IDS)
 def test_decode_kernel_other_vector_widths(label, arch_flags):
-    if cpu_kernels() is None:
-        pytest.skip("CPU kernels could not be built here")
+    require(_paged_attention)
     ext = build_variant("frugal_cpu_kernels", [os.path.join(_CSRC, "paged_attention_cpu.cpp")], _CFLAGS, _LDFLAGS,
                         label, arch_flags)
     for num_heads, num_kv_heads, head_dim, block_size, seqs in SHAPES:

@@ -3,13 +3,19 @@ import pytest
 import torch
 
 import serving.quant.linear as quant_linear
-from kernels.weight_quant_cpu import (dequant_panels_t, dequant_ref, pack_panels, quant_linear_cpu,
-                                      quant_linear_cpu_ref, weight_quant_kernels)
+from kernels.weight_quant_cpu import (_extension, dequant_panels_t, dequant_ref, pack_panels, quant_linear_cpu,
+                                      quant_linear_cpu_ref)
 from serving.quant.layout import dequantize, quantize
 from serving.quant.linear import QuantLinear
-from cpu_builds import OTHER_BUILD_IDS, OTHER_BUILDS, build_variant
+from cpu_builds import OTHER_BUILD_IDS, OTHER_BUILDS, build_variant, require
 
-needs_kernel = pytest.mark.skipif(weight_quant_kernels() is None, reason="CPU weight-quant kernel did not build")
+
+@pytest.fixture
+def built_kernel():
+    return require(_extension)
+
+
+needs_kernel = pytest.mark.usefixtures("built_kernel")
 # (N, K, format): N that fills no panel / ends mid-panel / an odd number of panels, K that is a single group,
 # per-channel int8 with an odd K
 SHAPES = [(37, 96, "int4-g32"), (960, 576, "int4-g64"), (5, 128, "int4-g128"), (33, 96, "int8"), (9, 41, "int8"),
@@ -55,7 +61,10 @@ def test_quant_linear_paths_match_dequantized_linear(path, tol, m):
     torch.manual_seed(1)
     qw = quantize(torch.randn(96, 128) * 0.05, "int4-g32")
     bias = torch.randn(96)
+    if path == "kernel":  # the kernel path, not the dequant fallback it takes when the build fails
+        require(_extension)
     layer = QuantLinear(qw, bias, cpu_path=path)
+    assert layer.path == path
     x = torch.randn(2, m, 128)  # leading dims are flattened and restored
     ref = torch.nn.functional.linear(x, dequantize(qw), bias)
     y = layer(x)
@@ -92,7 +101,6 @@ def test_other_vector_widths_match_reference(label, arch_flags):
     from kernels.weight_quant_cpu import _CFLAGS, _LDFLAGS, _SOURCE
 
     ext = build_variant("frugal_weight_quant_cpu", [_SOURCE], _CFLAGS, _LDFLAGS, label, arch_flags)
-    assert ext is not None
     width = ext.panel_width()
     for n, k, fmt in SHAPES:
         torch.manual_seed(0)
