@@ -1,4 +1,6 @@
 """Checkpoint loading: tiny random models built here, checked logit-for-logit against transformers."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +8,10 @@ import torch
 from scheduler.output import ScheduledSeq
 from serving.engine.model_runner import ModelRunner
 from serving.loaders import CheckpointError, load_model
+from serving.models.rope import RotaryEmbedding
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
 
 
 def _our_logits(loaded, ids):
@@ -38,8 +44,7 @@ def _tiny_hf(tmp_path, model_type, **overrides):
 
 @pytest.mark.parametrize("model_type, overrides", [
     ("llama", {}),
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    ("llama", {"rope_scaling": LLAMA3_SCALING}),
     ("llama", {"tie_word_embeddings": True}),
     ("qwen2", {}),  # Q/K/V biases
     ("mistral", {}),
@@ -61,7 +66,8 @@ def _permute(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_tiny_gguf(path, hf, arch="llama"):
+def _write_tiny_gguf(path, hf, arch="llama", edit=None):
+    """`hf` as llama.cpp's converter would write it; `edit(writer)` adds metadata or tensors of its own."""
     import gguf
 
     cfg = hf.config
@@ -90,6 +96,8 @@ def _write_tiny_gguf(path, hf, arch="llama"):
         writer.add_tensor(f"blk.{i}.attn_k.weight", _permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
         for src, dst in names.items():
             writer.add_tensor(f"blk.{i}.{dst}", sd[p + src])
+    if edit is not None:
+        edit(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -116,6 +124,115 @@ def test_gguf_unpermutes_qk(tmp_path, monkeypatch):
     with torch.inference_mode():
         expected = hf(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(_our_logits(loaded, ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def _llama3_rope_freqs(cfg) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's converter computes it from an HF llama3 rope_scaling."""
+    scaling = cfg.rope_parameters
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    factors = []
+    for freq in 1.0 / (scaling["rope_theta"] ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)):
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < high_freq_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def _write_scaling(hf):
+    """The GGUF form of `hf`'s rope scaling: a rope_freqs tensor for llama3, metadata for linear."""
+    import gguf
+
+    def edit(writer):
+        if hf.config.rope_parameters["rope_type"] == "llama3":
+            writer.add_tensor("rope_freqs.weight", _llama3_rope_freqs(hf.config))
+        else:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(hf.config.rope_parameters["factor"])
+    return edit
+
+
+@pytest.mark.parametrize("rope_scaling", [LLAMA3_SCALING, {"rope_type": "linear", "factor": 4.0}],
+                         ids=["llama3", "linear"])
+def test_gguf_rope_scaling_matches_transformers(tmp_path, monkeypatch, rope_scaling):
+    hf = _tiny_hf(tmp_path / "hf", "llama", rope_scaling=rope_scaling)
+    path = tmp_path / "scaled.gguf"
+    _write_tiny_gguf(path, hf, edit=_write_scaling(hf))
+    monkeypatch.setattr("serving.loaders.load_tokenizer", lambda path: None)
+    loaded = load_model(str(path))
+    ids = list(range(2, 96, 3))  # 32 positions: past the 8-token wavelength where llama3 scaling starts
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(_our_logits(loaded, ids), expected, rtol=1e-4, atol=1e-4)
+    # The same weights with the scaling ignored answer differently, so the comparison above can fail.
+    args = loaded.args
+    loaded.model.rope = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta)
+    assert not torch.allclose(_our_logits(loaded, ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_unsupported_rope_scaling_is_refused(tmp_path):
+    import gguf
+
+    hf = _tiny_hf(tmp_path / "hf", "llama")
+
+    def yarn(writer):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(4.0)
+        writer.add_rope_scaling_orig_ctx_len(32)
+    _write_tiny_gguf(tmp_path / "yarn.gguf", hf, edit=yarn)
+    with pytest.raises(CheckpointError, match=r"rope scaling type 'yarn' .* supported: none, linear"):
+        load_model(str(tmp_path / "yarn.gguf"))
+    _write_tiny_gguf(tmp_path / "short.gguf", hf,
+                     edit=lambda writer: writer.add_tensor("rope_freqs.weight", np.ones(3, dtype=np.float32)))
+    with pytest.raises(CheckpointError, match=r"rope_freqs.weight has shape \[3\]; expected \[8\]"):
+        load_model(str(tmp_path / "short.gguf"))
+
+
+def test_gguf_unknown_tensors_are_refused(tmp_path):
+    hf = _tiny_hf(tmp_path / "hf", "llama")
+
+    def extra(writer):
+        writer.add_tensor("blk.1.attn_q_norm.weight", np.ones(16, dtype=np.float32))
+        writer.add_tensor("blk.0.attn_k_norm.weight", np.ones(16, dtype=np.float32))
+    _write_tiny_gguf(tmp_path / "extra.gguf", hf, edit=extra)
+    with pytest.raises(CheckpointError, match=r"GGUF file has 2 tensor\(s\) the model does not use: "
+                                              r"blk.0.attn_k_norm.weight, blk.1.attn_q_norm.weight$"):
+        load_model(str(tmp_path / "extra.gguf"), quantization="auto")
+
+
+def _add_tensors(model_dir, tensors: dict):
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    save_file({**load_file(path), **tensors}, path, metadata={"format": "pt"})
+
+
+def test_hf_unknown_tensors_are_refused(tmp_path):
+    _tiny_hf(tmp_path, "llama")
+    _add_tensors(tmp_path, {"model.layers.0.self_attn.q_norm.weight": torch.ones(16)})
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) the model does not use: layers.0.self_attn.q_norm"):
+        load_model(str(tmp_path))
+
+
+def test_hf_derivable_tensors_are_accepted(tmp_path):
+    hf = _tiny_hf(tmp_path, "llama", tie_word_embeddings=True)
+    embedding = hf.state_dict()["model.embed_tokens.weight"]
+    # What older transformers versions wrote, and a tied lm_head stored anyway.
+    _add_tensors(tmp_path, {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(8) for i in range(2)}
+                 | {"lm_head.weight": embedding.clone()})
+    ids = [5, 17, 3, 88, 42]
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(_our_logits(load_model(str(tmp_path)), ids), expected, rtol=1e-4, atol=1e-4)
+    _add_tensors(tmp_path, {"lm_head.weight": embedding + 1})
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from embed_tokens.weight"):
+        load_model(str(tmp_path))
 
 
 def test_missing_file_is_named(tmp_path):

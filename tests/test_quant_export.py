@@ -65,3 +65,20 @@ def test_bad_format_and_existing_output(tmp_path):
         export_module.export(default_model_path(), "int8", str(tmp_path / "full"))
     with pytest.raises(ValueError, match="format must be one of int4-g32"):
         export_module.export(default_model_path(), "int2", str(tmp_path / "new"))
+
+
+def test_config_keeps_llama3_rope_factors(tmp_path, loaded_model):
+    """A Llama-3.1 GGUF carries its rope scaling as per-frequency factors; our checkpoint must keep them."""
+    import dataclasses
+    import json
+
+    from serving.loaders.safetensors_loader import hf_model_args
+    from serving.quant.checkpoint import hf_config
+
+    half = loaded_model.args.head_dim // 2
+    args = dataclasses.replace(loaded_model.args, rope_freq_factors=[1.0 + i / half for i in range(half)])
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(args, {"format": "int4", "group_size": 32})))
+    assert hf_model_args(str(tmp_path)).rope_freq_factors == args.rope_freq_factors
+    plain = dataclasses.replace(loaded_model.args, rope_freq_factors=None)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(plain, {"format": "int4", "group_size": 32})))
+    assert hf_model_args(str(tmp_path)).rope_freq_factors is None

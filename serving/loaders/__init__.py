@@ -79,7 +79,8 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, devi
     with torch.device("meta"):
         model = LlamaForCausalLM(args)
     # The rope tables are buffers computed at init; rebuild them for real before loading weights.
-    model.rope = type(model.rope)(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
+    model.rope = type(model.rope)(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling,
+                                  freq_factors=args.rope_freq_factors)
     if quantization not in ("none", "auto"):
         state = quantize_state(state, quantization, linear_weight_names(model))
     state = install(model, state, dtype, device, quant_cpu_path)

@@ -5,6 +5,9 @@ Weights are dequantized to the compute dtype here, unless a quantization policy 
 - llama.cpp's converter permutes the rows of Q and K so its RoPE can rotate adjacent pairs; our RoPE (like
   transformers') rotates the two halves of each head, so the permutation is undone on load.
 - GGUF lists dimensions fastest-first; `gguf.quants.dequantize` already returns torch's [out, in] order.
+- RoPE scaling: llama.cpp's converter writes Llama-3 scaling as no metadata but a tensor of per-frequency
+  divisors (`rope_freqs.weight`), and linear scaling as `{arch}.rope.scaling.type/factor`. Both are read into
+  ModelArgs; any other scaling, and any tensor the model does not use, is refused rather than dropped.
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ _LAYER_TENSORS = {
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+ROPE_FREQS = "rope_freqs.weight"  # Llama-3 rope factors, read into ModelArgs.rope_freq_factors
+# {arch}.rope.scaling.* keys read here, or that say nothing for the scalings we run.
+_ROPE_SCALING_KEYS = ("type", "factor", "original_context_length", "finetuned")
 
 
 class CheckpointError(ValueError):
@@ -57,6 +63,20 @@ def _field(reader, key: str, default=None):
     return field.contents()
 
 
+def _optional(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def refuse_leftovers(names, where: str) -> None:
+    """Raises naming every tensor a loader did not place: a tensor the model does not use may be one that
+    changes its output (as rope_freqs does), so it is never dropped silently."""
+    names = sorted(names)
+    if names:
+        shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+        raise CheckpointError(f"{where} has {len(names)} tensor(s) the model does not use: {shown}")
+
+
 def gguf_model_args(reader) -> ModelArgs:
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
@@ -64,6 +84,11 @@ def gguf_model_args(reader) -> ModelArgs:
                               f"{', '.join(SUPPORTED_ARCHS)}")
     num_heads = int(_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // num_heads))
+    rotary_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
+    if rotary_dim != head_dim:
+        raise CheckpointError(f"{arch}.rope.dimension_count is {rotary_dim} but head_dim is {head_dim}: "
+                              "rotating part of a head is not supported")
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
     tensor_names = {t.name for t in reader.tensors}
     eos = reader.fields.get("tokenizer.ggml.eos_token_id")
@@ -76,15 +101,50 @@ def gguf_model_args(reader) -> ModelArgs:
         num_layers=int(_field(reader, f"{arch}.block_count")),
         num_heads=num_heads,
         num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", num_heads)),
-        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // num_heads)),
+        head_dim=head_dim,
         rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(reader, arch),
+        rope_freq_factors=_rope_freq_factors(reader, head_dim),
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         bos_token_id=int(bos.contents()) if bos is not None else None,
         eos_token_ids=[int(eos.contents())] if eos is not None else [],
     )
+
+
+def _rope_scaling(reader, arch: str) -> dict | None:
+    """{arch}.rope.scaling.* as an HF-style rope_scaling dict; None when the model is not scaled."""
+    prefix = f"{arch}.rope.scaling."
+    unknown = sorted(k for k in reader.fields if k.startswith(prefix) and k[len(prefix):] not in _ROPE_SCALING_KEYS)
+    if unknown:
+        raise CheckpointError(f"GGUF rope scaling keys {', '.join(unknown)} are not supported")
+    rope_type, factor = _optional(reader, prefix + "type"), _optional(reader, prefix + "factor")
+    if rope_type is None:
+        # NOTE: llama.cpp reads a factor without a type as linear scaling, so we do too.
+        rope_type = "none" if factor is None else "linear"
+    if rope_type == "none" or (rope_type == "linear" and not factor):  # llama.cpp: factor 0 means unscaled
+        return None
+    if rope_type != "linear":
+        raise CheckpointError(f"GGUF rope scaling type {rope_type!r} ({prefix}type) is not supported; supported: "
+                              f"none, linear, and Llama-3 frequency factors ({ROPE_FREQS})")
+    return {"rope_type": "linear", "factor": float(factor)}
+
+
+def _rope_freq_factors(reader, head_dim: int) -> list[float] | None:
+    """The `rope_freqs.weight` divisors, one per rotary frequency, or None when the file has none."""
+    tensor = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if tensor is None:
+        return None
+    shape = tuple(int(d) for d in tensor.shape)
+    if shape != (head_dim // 2,):
+        raise CheckpointError(f"GGUF tensor {ROPE_FREQS} has shape {list(shape)}; expected [{head_dim // 2}] "
+                              f"(one factor per rotary frequency of head_dim {head_dim})")
+    factors = _dequantize(tensor).flatten()
+    if not bool((factors.isfinite() & (factors > 0)).all()):
+        raise CheckpointError(f"GGUF tensor {ROPE_FREQS} holds factors that are not positive and finite")
+    return factors.tolist()
 
 
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -145,6 +205,9 @@ def load_gguf_state_dict(reader, args: ModelArgs, quantization: str = "none") ->
         state[f"layers.{i}.mlp.gate_up_proj.weight"] = fuse_rows([gate, up])
         for src, dst in _LAYER_TENSORS.items():
             state[f"layers.{i}.{dst}"] = _take(raw, p + src)
+    if args.rope_freq_factors is not None:
+        _take(raw, ROPE_FREQS)  # already in args, read by gguf_model_args
+    refuse_leftovers(raw, "GGUF file")
     return state
 
 

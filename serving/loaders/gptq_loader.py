@@ -28,7 +28,7 @@ import os
 import torch
 
 from serving.loaders.gguf_loader import CheckpointError
-from serving.loaders.safetensors_loader import read_tensors
+from serving.loaders.safetensors_loader import read_tensors, refuse_hf_leftovers
 from serving.models.llama import ModelArgs
 from serving.quant.install import fuse_rows
 from serving.quant.layout import INT4_GROUP_SIZES, QuantizedWeight, pack_nibbles, quantize_int4
@@ -174,6 +174,7 @@ def assemble_llama_state(raw: dict, args: ModelArgs, take_linear, model_dir: str
                 state[p + ours + ".bias"] = bias
         for name in NORMS:
             state[p + name] = take(p + name)
+    refuse_hf_leftovers(raw, state, args, model_dir)
     return state
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import torch
 
-from serving.loaders.gguf_loader import CheckpointError
+from serving.loaders.gguf_loader import CheckpointError, refuse_leftovers
 from serving.models.llama import ModelArgs
 
 # HF model_type -> our arch name; all run on the Llama-family model code.
@@ -16,6 +17,10 @@ SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2
 # Per-layer tensors whose names are the same in HF checkpoints and in our model.
 _LAYER_SAME_NAMES = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
                      "mlp.down_proj.weight")
+# Tensors an HF checkpoint may carry that the model derives itself, so leaving them unused changes nothing.
+# NOTE: older transformers versions saved each layer's rotary `inv_freq` buffer; it follows from config.json's
+# rope_theta / rope_scaling, which is what our RotaryEmbedding reads.
+_DERIVED_TENSORS = re.compile(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
 def hf_model_args(model_dir: str) -> ModelArgs:
@@ -49,6 +54,7 @@ def hf_model_args(model_dir: str) -> ModelArgs:
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling,
+        rope_freq_factors=cfg.get("rope_freq_factors"),  # written by our quantized checkpoints (see checkpoint.py)
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
@@ -94,4 +100,18 @@ def load_safetensors_state_dict(model_dir: str, args: ModelArgs) -> dict[str, to
                                                           take(p + "mlp.up_proj.weight")])
         for name in _LAYER_SAME_NAMES:
             state[p + name] = take(p + name)
+    refuse_hf_leftovers(raw, state, args, model_dir)
     return state
+
+
+def refuse_hf_leftovers(raw: dict, state: dict, args: ModelArgs, model_dir: str) -> None:
+    """Raises for every tensor in `raw` (what the loader did not take) but the derivable ones above.
+
+    NOTE: a tied checkpoint may still store lm_head.weight; it is accepted only if it is the embedding itself,
+    since a different one would mean the config's tie_word_embeddings is wrong for these weights.
+    """
+    lm_head = raw.pop("lm_head.weight", None) if args.tie_word_embeddings else None
+    if lm_head is not None and not torch.equal(lm_head.float(), state["embed_tokens.weight"]):
+        raise CheckpointError(f"{model_dir}: config.json ties the word embeddings, but lm_head.weight differs "
+                              "from embed_tokens.weight")
+    refuse_leftovers([n for n in raw if not _DERIVED_TENSORS.fullmatch(n)], f"checkpoint in {model_dir}")

@@ -32,6 +32,7 @@ class ModelArgs:
     rms_norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base
     rope_scaling: dict | None = None  # HF-style rope scaling dict ("llama3", "linear") or None
+    rope_freq_factors: list[float] | None = None  # head_dim / 2 divisors of the rope frequencies (GGUF rope_freqs)
     max_position_embeddings: int = 2048  # longest context the model was trained for
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
     attention_bias: bool = False  # Q/K/V projections carry a bias (Qwen2)
@@ -141,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta,
-                                    args.rope_scaling)
+                                    args.rope_scaling, freq_factors=args.rope_freq_factors)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

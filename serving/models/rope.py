@@ -1,4 +1,5 @@
-"""Rotary position embeddings (neox / HF "rotate_half" layout), with Llama-3 and linear scaling.
+"""Rotary position embeddings (neox / HF "rotate_half" layout), with Llama-3 and linear scaling and
+llama.cpp's per-frequency factors.
 
 cos/sin are precomputed once for every position up to the model's context length and indexed by position at
 run time, so a step costs one gather, not a trig call per token.
@@ -15,7 +16,20 @@ from kernels.cpu_ops import fused_ops
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None,
+                  freq_factors: list[float] | None = None) -> torch.Tensor:
+    """The rotary frequencies under HF-style `scaling`, each then divided by its `freq_factors` entry: llama.cpp
+    stores Llama-3 scaling as such divisors (GGUF `rope_freqs.weight`) and its rope applies them on top."""
+    inv_freq = _scaled_inv_freq(head_dim, theta, scaling)
+    if freq_factors is None:
+        return inv_freq
+    if len(freq_factors) != inv_freq.numel():
+        raise ValueError(f"rope freq_factors has {len(freq_factors)} entries; expected {inv_freq.numel()} "
+                         f"(head_dim {head_dim} / 2)")
+    return inv_freq / torch.tensor(freq_factors, dtype=torch.float32)
+
+
+def _scaled_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "default":
@@ -51,9 +65,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None,
-                 attention_factor: float = 1.0):
+                 attention_factor: float = 1.0, freq_factors: list[float] | None = None):
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        inv_freq = rope_inv_freq(head_dim, theta, scaling, freq_factors)
         positions = torch.arange(max_positions, dtype=torch.int64).float()
         freqs = torch.outer(positions, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)

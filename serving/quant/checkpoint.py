@@ -32,6 +32,9 @@ def hf_config(args: ModelArgs, quantization: dict) -> dict:
         "attention_bias": args.attention_bias, "bos_token_id": args.bos_token_id,
         "eos_token_id": args.eos_token_ids[0] if len(args.eos_token_ids) == 1 else args.eos_token_ids,
     }
+    if args.rope_freq_factors is not None:
+        # NOTE: our own key: HF configs have no field for llama.cpp's per-frequency rope factors (a Llama-3.1 GGUF).
+        config["rope_freq_factors"] = list(args.rope_freq_factors)
     config["quantization_config"] = {"quant_method": QUANT_METHOD, **quantization}
     return config
 
