@@ -117,8 +117,11 @@ def _check_lengths(outputs, max_tokens: list[int]) -> None:
             )
 
 
-def _step_stats_delta(before: dict, after: dict) -> dict:
-    delta = {key: after[key] - before[key] for key in ("num_steps", "step_time_s", "schedule_time_s")}
+def _step_stats_delta(before, after) -> dict:
+    """The timed run's share of the engine's StepTotals (serving/engine/stats.py)."""
+    delta = {"num_steps": after.num_executed_steps - before.num_executed_steps,
+             "step_time_s": after.step_time_s - before.step_time_s,
+             "schedule_time_s": after.schedule_time_s - before.schedule_time_s}
     delta["scheduler_fraction"] = delta["schedule_time_s"] / delta["step_time_s"] if delta["step_time_s"] else 0.0
     return delta
 
@@ -135,18 +138,18 @@ def run_engine(args, requests: list[SampledRequest]) -> tuple[PhaseResult, dict,
     with PeakRSS() as mem:
         llm = LLM(**engine_kwargs(args))
         _engine_generate(llm, prompts[:2], [2, 2])  # warm-up, not timed
-        before = llm.engine.step_stats()
+        before = llm.engine.stats().steps
         t0 = time.monotonic()
         outputs = _engine_generate(llm, prompts, max_tokens)
         t1 = time.monotonic()
-        step_stats = _step_stats_delta(before, llm.engine.step_stats())
+        step_stats = _step_stats_delta(before, llm.engine.stats().steps)
     _check_lengths(outputs, max_tokens)
     return _engine_result("frugal", outputs, t0, t1, mem), step_stats, llm.engine.loaded
 
 
 def _prefix_cache_counters(llm) -> tuple[int, int] | None:
     """(tokens looked up, tokens hit) from the scheduler's stats; None if it does not keep them."""
-    stats = llm.engine.scheduler.stats
+    stats = llm.engine.stats()
     try:
         return stats.prefix_cache_queries, stats.prefix_cache_hits
     except AttributeError:

@@ -10,7 +10,7 @@ from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.output import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from scheduler.policy import FairSharePolicy, WaitingQueue
 from scheduler.request import Priority, Request, RequestStatus
-from scheduler.scheduler import QueueFullError, Scheduler, SchedulerStats
+from scheduler.scheduler import QueueFullError, Scheduler
 
 __all__ = [
     "BlockPool",
@@ -27,7 +27,6 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "SchedulerOutput",
-    "SchedulerStats",
     "WaitingQueue",
     "num_blocks_from_memory",
 ]

@@ -39,3 +39,4 @@ class ModelRunnerOutput:
 
     sampled_token_ids: dict[str, int]  # req_id -> next token, for every seq with sample=True
     logprobs: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # req_id -> [(token_id, logprob)]; chosen token first
+    errors: dict[str, str] = field(default_factory=dict)  # req_id -> why its own sampling failed; it got no token

@@ -31,7 +31,6 @@ so it alone is still admitted with a chunk and finished over several steps.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from itertools import chain
 from typing import Iterable
 
@@ -44,21 +43,6 @@ from scheduler.request import Request, RequestStatus
 
 class QueueFullError(Exception):
     """The waiting queue holds ``max_waiting`` requests; the caller should push back (retry later)."""
-
-
-@dataclass(slots=True)
-class SchedulerStats:
-    """A snapshot for metrics and the dashboard."""
-
-    num_running: int  # requests in the running set
-    num_waiting: int  # requests waiting, preempted ones included
-    kv_cache_usage: float  # fraction of KV blocks held by requests
-    num_free_blocks: int  # blocks in the free queue, cached ones included
-    prefix_cache_queries: int  # tokens looked up at admission, re-admissions after preemption included
-    prefix_cache_hits: int  # of those, tokens served from the cache
-    prefix_cache_hit_rate: float  # hits / queries; 0.0 before any query
-    num_preemptions: int  # preemptions since start
-    num_steps: int  # schedule() calls since start
 
 
 class Scheduler:
@@ -266,21 +250,6 @@ class Scheduler:
     def reset_prefix_cache(self) -> bool:
         """Drop every cached prefix; False (nothing done) while a request holds blocks."""
         return self.kv_cache_manager.reset_prefix_cache()
-
-    @property
-    def stats(self) -> SchedulerStats:
-        pool = self.kv_cache_manager.block_pool
-        return SchedulerStats(
-            num_running=len(self.running),
-            num_waiting=len(self.waiting),
-            kv_cache_usage=pool.usage,
-            num_free_blocks=pool.num_free_blocks,
-            prefix_cache_queries=pool.prefix_cache_queries,
-            prefix_cache_hits=pool.prefix_cache_hits,
-            prefix_cache_hit_rate=pool.prefix_cache_hit_rate,
-            num_preemptions=self.num_preemptions,
-            num_steps=self.num_steps,
-        )
 
     # -- internals --------------------------------------------------------------------------
 

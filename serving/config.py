@@ -52,3 +52,25 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+@dataclass(slots=True, kw_only=True)
+class WatchdogConfig:
+    # NOTE: a whole step (a 512-token prefill of a 7B model on a CPU) can take tens of seconds; a minute without
+    # any progress while work waits is a hang, not a slow step.
+    stall_timeout_s: float = 60.0  # work waits and no step made progress for this long: dead
+    max_consecutive_failed_steps: int = 5  # this many failed steps in a row: dead
+    interval_s: float = 0.25  # how often the watchdog looks
+    exit_after_s: float = 10.0  # the daemon exits this long after the engine died (probes fail meanwhile)
+
+    def __post_init__(self):
+        for name in ("stall_timeout_s", "interval_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        if not isinstance(self.exit_after_s, (int, float)) or isinstance(self.exit_after_s, bool) \
+                or self.exit_after_s < 0:
+            raise ValueError(f"exit_after_s must be a number >= 0, got {self.exit_after_s!r}")
+        n = self.max_consecutive_failed_steps
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"max_consecutive_failed_steps must be an integer >= 1, got {n!r}")

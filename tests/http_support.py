@@ -14,7 +14,9 @@ import uvicorn
 from serving.config import EngineConfig
 from serving.engine.async_engine import AsyncLLM
 from serving.engine.llm_engine import LLMEngine
+from serving.engine.tokenizer_pool import TokenizerPool
 from serving.http.app import create_app
+from serving.limits import RequestLimits
 from serving.server_state import ServerState
 
 MODEL_NAME = "smollm2-135m-instruct"
@@ -39,20 +41,20 @@ class Served:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.engine.has_unfinished_requests() and \
-                    self.engine.scheduler.stats.num_free_blocks == self.engine.num_blocks:
+                    self.engine.stats().num_free_blocks == self.engine.num_blocks:
                 return True
             time.sleep(0.02)
         return False
 
 
 @contextlib.contextmanager
-def serve(loaded_model, **engine_config):
+def serve(loaded_model, limits: RequestLimits | None = None, **engine_config):
     """Yields a `Served` app on its own engine; keyword arguments are EngineConfig fields."""
     engine_config.setdefault("kv_cache_memory_bytes", 96 << 20)
     engine_config.setdefault("max_model_len", 1024)
     async_llm = AsyncLLM(engine=LLMEngine(EngineConfig(**engine_config), loaded=loaded_model))
-    state = ServerState(async_llm=async_llm, model_name=MODEL_NAME, max_model_len=async_llm.engine.max_model_len,
-                        ready=True)
+    state = ServerState(async_llm=async_llm, tokenizers=TokenizerPool(async_llm.tokenizer), model_name=MODEL_NAME,
+                        max_model_len=async_llm.engine.max_model_len, limits=limits or RequestLimits(), ready=True)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -70,3 +72,4 @@ def serve(loaded_model, **engine_config):
         thread.join(timeout=10)
         sock.close()
         async_llm.shutdown()
+        state.tokenizers.close()

@@ -68,7 +68,7 @@ def test_abort_mid_stream_frees_blocks(async_llm):
 
     assert asyncio.run(run()) == 3
     assert not engine.has_unfinished_requests()
-    assert engine.scheduler.stats.num_free_blocks == engine.num_blocks
+    assert engine.stats().num_free_blocks == engine.num_blocks
 
 
 def test_explicit_abort_returns_abort_reason(async_llm):

@@ -14,6 +14,8 @@ class GatedEngine:
     """The LLMEngine surface AsyncLLM uses; `step` and `add_request` wait while the test holds their gates."""
 
     tokenizer = None
+    faults = None
+    last_step_num_tokens = 1
 
     def __init__(self) -> None:
         self.tracked: dict[str, int] = {}  # req_id -> tokens generated
@@ -35,6 +37,9 @@ class GatedEngine:
         if self.tracked.pop(req_id, None) is None:
             return None
         return RequestOutput(req_id=req_id, prompt=None, prompt_token_ids=[1], finished=True, finish_reason="abort")
+
+    def abort_all(self, error=None):
+        return [self.abort_request(r) for r in list(self.tracked)]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.tracked)

@@ -83,7 +83,7 @@ def test_prefix_caching_matches_transformers(make_llm, prompts, reference):
     second = llm.generate([{"prompt_token_ids": p} for p in prompts], _greedy())
     _check(second, reference)
     assert sum(o.num_cached_tokens for o in second) > sum(len(p) for p in prompts) // 2
-    stats = llm.engine.scheduler.stats
+    stats = llm.engine.stats()
     assert stats.prefix_cache_hits > 0
 
 
@@ -106,5 +106,5 @@ def test_preemption_matches_transformers(make_llm, loaded_model, prompts, refere
     assert llm.engine.num_blocks == 40
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], _greedy())
     _check(outs, reference)
-    assert llm.engine.scheduler.stats.num_preemptions > 0
+    assert llm.engine.stats().num_preemptions > 0
     assert sum(o.metrics.num_preemptions for o in outs) > 0

@@ -4,6 +4,7 @@ import filecmp
 import pytest
 
 from scheduler import Priority
+from serving.limits import RequestLimits
 from serving.rpc import codegen, convert
 from serving.rpc.gen.frugal.v1 import inference_pb2 as pb
 
@@ -36,10 +37,17 @@ class _Tokenizer:
         return f"<{ids[0]}>"
 
 
+LIMITS = RequestLimits()
+
+
+def _engine_request(request: pb.GenerateRequest, prompt_ids=(1,)):
+    return convert.engine_request(convert.check_request(request, LIMITS), list(prompt_ids))
+
+
 def test_request_defaults_and_metadata():
-    req = convert.engine_request(pb.GenerateRequest(prompt="hi", context=pb.RequestContext(
-        api_key="sk-secret", workflow_id="wf", task_id="t1")), _Tokenizer())
-    assert req.prompt == "hi" and req.req_id.startswith("grpc-")
+    req = _engine_request(pb.GenerateRequest(prompt="hi", context=pb.RequestContext(
+        api_key="sk-secret", workflow_id="wf", task_id="t1")), [7, 8])
+    assert req.prompt == {"prompt": "hi", "prompt_token_ids": [7, 8]} and req.req_id.startswith("grpc-")
     assert req.params.max_tokens == convert.DEFAULT_MAX_TOKENS and req.params.temperature == 1.0
     assert req.params.top_p == 1.0 and req.params.seed is None and req.params.logprobs is None
     assert req.priority == Priority.STANDARD and req.tenant_id == "default"
@@ -48,16 +56,15 @@ def test_request_defaults_and_metadata():
 
 
 def test_request_inputs_and_priorities():
-    tok = _Tokenizer()
     chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="abc de")])
-    assert convert.engine_request(pb.GenerateRequest(chat=chat), tok).prompt == [3, 2]
-    ids = convert.engine_request(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[5, 6])), tok)
-    assert ids.prompt == [5, 6]
+    checked = convert.check_request(pb.GenerateRequest(chat=chat), LIMITS)
+    assert checked.messages == [{"role": "user", "content": "abc de"}]
+    assert convert.engine_request(checked, [3, 2]).prompt == {"prompt": None, "prompt_token_ids": [3, 2]}
     for wire, expected in [(pb.PRIORITY_INTERACTIVE, Priority.INTERACTIVE), (pb.PRIORITY_BATCH, Priority.BATCH),
                            (pb.PRIORITY_UNSPECIFIED, Priority.STANDARD)]:
-        assert convert.engine_request(pb.GenerateRequest(prompt="x", priority=wire), tok).priority == expected
+        assert _engine_request(pb.GenerateRequest(prompt="x", priority=wire)).priority == expected
     sampling = pb.SamplingParams(max_tokens=9, temperature=0.0, top_k=-1, seed=3, stop=["\n"], logprobs=0)
-    params = convert.engine_request(pb.GenerateRequest(prompt="x", sampling=sampling), tok).params
+    params = _engine_request(pb.GenerateRequest(prompt="x", sampling=sampling)).params
     assert (params.max_tokens, params.greedy, params.top_k, params.seed, params.stop, params.logprobs) == \
         (9, True, 0, 3, ["\n"], 0)
 
@@ -66,13 +73,21 @@ def test_request_inputs_and_priorities():
     ({"prompt": "x", "sampling": pb.SamplingParams(top_k=-3)}, "sampling.top_k"),
     ({"prompt": "x", "sampling": pb.SamplingParams(min_tokens=50, max_tokens=10)}, "sampling.min_tokens"),
     ({"prompt": "x", "sampling": pb.SamplingParams(stop=[""])}, "sampling.stop"),
+    ({"prompt": "x", "sampling": pb.SamplingParams(temperature=float("nan"))}, "sampling.temperature"),
+    ({"prompt": "x", "sampling": pb.SamplingParams(stop=["s"] * 17)}, "sampling.stop"),
+    ({"prompt": "x", "sampling": pb.SamplingParams(stop=["s" * 257])}, "sampling.stop[0]"),
+    ({"prompt": "x", "sampling": pb.SamplingParams(stop_token_ids=list(range(65)))}, "sampling.stop_token_ids"),
+    ({"prompt": "x", "sampling": pb.SamplingParams(logprobs=21)}, "sampling.logprobs"),
+    ({"prompt": "x" * 262_145}, "prompt"),
     ({"prompt_token_ids": pb.TokenIds()}, "prompt_token_ids must not be empty"),
     ({"chat": pb.ChatMessages(messages=[pb.ChatMessage(content="no role")])}, "chat.messages[0]"),
+    ({"chat": pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="x")] * 1025)}, "chat.messages"),
+    ({}, "input: set one of"),
 ])
 def test_bad_requests_name_the_field(request_kwargs, message):
     with pytest.raises(ValueError) as err:
-        convert.engine_request(pb.GenerateRequest(**request_kwargs), _Tokenizer())
-    assert message in str(err.value)
+        convert.check_request(pb.GenerateRequest(**request_kwargs), LIMITS)
+    assert str(err.value).startswith(message)
 
 
 def test_stream_chunk_carries_the_delta_logprobs_and_final_usage():

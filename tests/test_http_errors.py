@@ -136,7 +136,7 @@ def _raw_request(base_url: str, body: bytes) -> socket.socket:
 
 def test_full_queue_is_429_with_retry_after(loaded_model):
     with serve(loaded_model, max_num_seqs=1, max_waiting=1) as small:
-        stats = lambda: small.engine.scheduler.stats  # noqa: E731
+        stats = lambda: small.engine.stats()  # noqa: E731
         body = {"model": MODEL_NAME, "prompt": "Count:", "stream": True, **LONG}
         with httpx.stream("POST", f"{small.base_url}/v1/completions", json=body, timeout=60) as running:
             events = running.iter_lines()  # keep it: a dropped line iterator closes the connection

@@ -102,7 +102,7 @@ def test_bad_prompts_rejected_engine_keeps_serving(make_llm):
         llm.generate(["a", "b"], [SamplingParams(), SamplingParams(), SamplingParams()])
     # Nothing from the failed calls lingers; the engine serves the next request.
     assert not llm.engine.has_unfinished_requests()
-    assert llm.engine.scheduler.stats.num_free_blocks == llm.engine.num_blocks
+    assert llm.engine.stats().num_free_blocks == llm.engine.num_blocks
     out = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0))[0]
     assert len(out.token_ids) == 4
 

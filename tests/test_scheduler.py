@@ -101,8 +101,13 @@ def test_add_request_rejects_what_could_never_run():
 def test_max_waiting_counts_waiting_not_running():
     sched = Scheduler(make_config(max_waiting=1))
     sched.add_request(make_request("a"))
+    with pytest.raises(QueueFullError):
+        sched.add_request(make_request("b"))  # "a" still waits: the one waiting slot is taken
     step(sched)
     sched.add_request(make_request("b"))  # "a" runs now, so there is room
+    assert (sched.num_running, sched.num_waiting) == (1, 1)
+    with pytest.raises(QueueFullError):
+        sched.add_request(make_request("c"))
 
 
 # -- one request -------------------------------------------------------------------------------
@@ -204,9 +209,9 @@ def test_prefix_hit_starts_at_the_cached_tokens():
     (seq,) = sched.schedule().seqs
     assert (seq.start_pos, seq.token_ids, seq.block_ids) == (8, [8, 9], [0, 1, 2])
     assert b.num_cached_tokens == 8 and b.num_computed_tokens == 8
-    stats = sched.stats
-    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (20, 8)
-    assert stats.prefix_cache_hit_rate == pytest.approx(0.4)
+    pool = sched.kv_cache_manager.block_pool
+    assert (pool.prefix_cache_queries, pool.prefix_cache_hits) == (20, 8)
+    assert pool.prefix_cache_hit_rate == pytest.approx(0.4)
 
 
 def test_tenants_do_not_share_prefixes_unless_salted_alike():
@@ -306,7 +311,7 @@ def test_preemption_picks_the_lowest_class():
     assert victim.status == RequestStatus.PREEMPTED and victim.num_preemptions == 1
     assert victim.num_computed_tokens == 0 and sched.get_block_ids("r1") == []
     assert sched.num_waiting == 1
-    assert sched.stats.num_preemptions == 1
+    assert sched.num_preemptions == 1
 
 
 def test_a_victim_already_scheduled_is_taken_out_of_the_step():
@@ -383,11 +388,11 @@ def test_finish_requires_a_finished_status():
     assert sched.schedule().is_empty
 
 
-def test_stats_snapshot():
+def test_counters():
     sched = Scheduler(make_config(max_num_seqs=1))
     sched.add_request(make_request("a", prompt_len=5))
     sched.add_request(make_request("b", prompt_len=5))
     step(sched)
-    stats = sched.stats
-    assert (stats.num_running, stats.num_waiting, stats.num_free_blocks, stats.num_steps) == (1, 1, 30, 1)
-    assert stats.kv_cache_usage == pytest.approx(2 / 32)
+    pool = sched.kv_cache_manager.block_pool
+    assert (sched.num_running, sched.num_waiting, pool.num_free_blocks, sched.num_steps) == (1, 1, 30, 1)
+    assert pool.usage == pytest.approx(2 / 32)

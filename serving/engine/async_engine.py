@@ -1,10 +1,14 @@
-"""The asynchronous engine the daemon serves from: one engine thread, per-request async iterators, abort.
+"""The asynchronous engine the daemon serves from: one engine thread, per-request async iterators, abort, health.
 
 The engine loop runs in its own thread so the event loop stays free for network I/O while a step computes.
-Callers never touch the engine directly: adds and aborts travel through a command queue that the loop drains
-between steps (when the scheduler would admit them anyway), and outputs travel back through per-request
-asyncio queues. A caller that stops iterating (client gone, deadline hit) aborts its request, which frees its
-KV blocks at the next step boundary.
+Callers never touch the engine directly: adds and aborts travel as typed commands through a queue that the loop
+drains between steps, and outputs travel back through per-request asyncio queues. A caller that stops iterating
+(client gone, deadline hit) aborts its request, which frees its KV blocks at the next step boundary.
+
+The loop keeps a heartbeat (the last time it made progress or had nothing to do) for the watchdog
+(serving/engine/watchdog.py). Once the engine is declared dead (the watchdog saw it hang or fail step after
+step, or the loop itself crashed) every open stream gets EngineDeadError at once, new requests are refused, and
+`health()` says why.
 """
 from __future__ import annotations
 
@@ -13,55 +17,106 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from itertools import count
 from typing import AsyncIterator
 
+from scheduler import Priority
 from serving.config import EngineConfig
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
+from serving.engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 
+# NOTE: with work queued but nothing schedulable, the loop waits this long between tries instead of spinning.
+_IDLE_RETRY_S = 0.005
+
 
 class EngineDeadError(RuntimeError):
-    """The engine thread has stopped; no request can be served."""
+    """The engine has stopped or was declared dead; no request can be served."""
 
 
 @dataclass(slots=True)
 class _Stream:
     loop: asyncio.AbstractEventLoop  # the loop the consumer awaits on
-    queue: asyncio.Queue  # RequestOutput items; the last one has finished=True
+    queue: asyncio.Queue  # RequestOutput items, or an exception; the last output has finished=True
+
+
+@dataclass(slots=True)
+class AddRequest:
+    """Queue a request; `done` gets None once the engine holds it, or the refusal."""
+
+    req_id: str  # engine request id
+    prompt: str | list[int] | dict  # as LLMEngine.add_request takes it
+    params: SamplingParams | None  # None: the defaults
+    priority: Priority | int  # scheduling class
+    tenant_id: str  # fair-share and prefix-cache key
+    cache_salt: str | None  # prefix-cache salt; None: the tenant id
+    stream: _Stream  # where the request's outputs go
+    done: concurrent.futures.Future  # completed by the engine thread
+
+
+@dataclass(slots=True)
+class AbortRequest:
+    """Abort a request and free its blocks now."""
+
+    req_id: str  # engine request id
+    owner: _Stream | None  # abort only while the id still belongs to this stream; None: whoever holds it
+    done: concurrent.futures.Future | None = None  # completed once applied; None: nobody waits
+
+
+@dataclass(slots=True)
+class EngineHealth:
+    healthy: bool  # False once the engine is dead: probes fail and requests are refused
+    reason: str | None = None  # why it is not healthy
+    since: float | None = None  # time.monotonic() when it stopped being healthy
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    """What the loop tells the watchdog; written by the engine thread only."""
+
+    progress_at: float = field(default_factory=time.monotonic)  # last step that computed tokens, or last idle check
+    step_started_at: float | None = None  # set while a step runs
 
 
 class AsyncLLM:
     def __init__(self, engine: LLMEngine | None = None, **config_kwargs):
         self.engine = engine or LLMEngine(EngineConfig(**config_kwargs))
         self.tokenizer = self.engine.tokenizer
+        self.heartbeat = Heartbeat()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
+        self._streams_lock = threading.Lock()  # the engine thread delivers, the watchdog may fail them all
         self._ids = count()
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="frugal-engine", daemon=True)
+        self._dead: EngineHealth | None = None
+        self._thread = threading.Thread(target=self._run_loop, name="frugal-engine", daemon=True)
         self._thread.start()
 
     # -- public API -------------------------------------------------------------------------------------
     async def generate(self, prompt, params: SamplingParams | None = None, req_id: str | None = None,
-                       **request_kwargs) -> AsyncIterator[RequestOutput]:
+                       priority: Priority | int = Priority.STANDARD, tenant_id: str = "default",
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields incremental outputs for one request until the finished one. Raises ValueError for bad input
-        (before anything is yielded) and QueueFullError when the waiting queue is full."""
+        (before anything is yielded), QueueFullError when the waiting queue is full and EngineDeadError when
+        the engine is not running."""
         req_id = req_id or f"areq-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         stream = _Stream(loop=loop, queue=asyncio.Queue())
         finished = False
         try:
             # Inside the try: a caller cancelled while the add is in flight still aborts what the add queued.
-            await self._submit(("add", req_id, prompt, params, request_kwargs, stream))
+            await self._submit(AddRequest(req_id, prompt, params, priority, tenant_id, cache_salt, stream,
+                                          concurrent.futures.Future()))
             while True:
                 out = await stream.queue.get()
                 if isinstance(out, BaseException):
+                    finished = True  # the engine has already let go of it
                     raise out
                 finished = out.finished
                 yield out
@@ -71,46 +126,77 @@ class AsyncLLM:
             if not finished:
                 # Consumer went away (cancelled, deadline, disconnect): free the request's blocks now. Only if the
                 # id is still this stream's: a refused add (duplicate id) must not abort the other request.
-                self._commands.put(("abort", req_id, stream, None))
+                self._commands.put(AbortRequest(req_id, owner=stream))
                 self._wakeup.set()
 
     async def abort(self, req_id: str) -> None:
-        await self._submit(("abort", req_id, None))
+        await self._submit(AbortRequest(req_id, owner=None, done=concurrent.futures.Future()))
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         """A snapshot for health checks and metrics (read without locking; values may be a step old)."""
-        sched = self.engine.scheduler
-        return {"num_unfinished": self.engine.num_unfinished_requests, "scheduler": sched.stats,
-                "steps": self.engine.step_stats()}
+        return self.engine.stats()
+
+    @property
+    def num_streams(self) -> int:
+        """Requests with a consumer attached; equals the engine's unfinished requests between steps."""
+        return len(self._streams)
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and not self._stopped
+        return self._thread.is_alive() and not self._stopped and self._dead is None
+
+    def health(self) -> EngineHealth:
+        if self._dead is not None:
+            return self._dead
+        if not self._thread.is_alive() and not self._stopped:
+            return EngineHealth(False, "the engine thread has stopped")
+        return EngineHealth(True)
+
+    def declare_dead(self, reason: str) -> None:
+        """Marks the engine dead for good and fails every open stream now (called by the watchdog thread, or by
+        the loop when it crashes). A step still running may finish later; its outputs go nowhere."""
+        with self._streams_lock:
+            if self._dead is not None:
+                return
+            self._dead = EngineHealth(False, reason, time.monotonic())
+            streams, self._streams = self._streams, {}
+        logger.error("engine declared dead: %s; failing %d open requests", reason, len(streams))
+        for stream in streams.values():
+            self._put(stream, EngineDeadError(reason))
+        if self.engine.faults is not None:
+            self.engine.faults.release()
+        self._wakeup.set()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopped = True
+        if self.engine.faults is not None:
+            self.engine.faults.release()
         self._wakeup.set()
         self._thread.join(timeout)
 
     # -- plumbing ---------------------------------------------------------------------------------------
-    async def _submit(self, command: tuple):
+    async def _submit(self, command: AddRequest | AbortRequest):
         if not self.is_running:
-            raise EngineDeadError("the engine is not running")
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(command + (future,))
+            raise EngineDeadError(self._dead.reason if self._dead else "the engine is not running")
+        self._commands.put(command)
         self._wakeup.set()
-        return await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(command.done)
 
-    def _deliver(self, out: RequestOutput | BaseException, req_id: str) -> None:
-        stream = self._streams.get(req_id)
-        if stream is None:
-            return
-        if isinstance(out, BaseException) or out.finished:
-            del self._streams[req_id]
+    @staticmethod
+    def _put(stream: _Stream, item: RequestOutput | BaseException) -> None:
         try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
         except RuntimeError:  # the consumer's loop is closed
             pass
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._streams_lock:
+            stream = self._streams.get(out.req_id)
+            if stream is None:
+                return
+            if out.finished:
+                del self._streams[out.req_id]
+        self._put(stream, out)
 
     def _run_commands(self) -> None:
         while True:
@@ -118,51 +204,73 @@ class AsyncLLM:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            kind, req_id = command[0], command[1]
-            future = command[-1]
-            if future is not None and not future.set_running_or_notify_cancel():
-                if kind == "add":
+            done = command.done
+            if done is not None and not done.set_running_or_notify_cancel():
+                if isinstance(command, AddRequest):
                     continue  # the caller was cancelled before the add ran: never queue the request
-                future = None
+                done = None
             try:
-                if kind == "add":
-                    _, _, prompt, params, kwargs, stream, _ = command
-                    self.engine.add_request(prompt, params, req_id=req_id, **kwargs)
-                    self._streams[req_id] = stream
+                if isinstance(command, AddRequest):
+                    self._add(command)
                 else:
-                    owner = command[2]  # None: abort whoever holds the id; a stream: only if it still does
-                    if owner is not None and self._streams.get(req_id) is not owner:
-                        continue
-                    final = self.engine.abort_request(req_id)
-                    if final is not None:
-                        self._deliver(final, req_id)
-                if future is not None:
-                    future.set_result(None)
+                    self._abort(command)
             except Exception as e:  # bad input: the caller gets the error, the loop goes on
-                if future is not None:
-                    future.set_exception(e)
+                if done is not None:
+                    done.set_exception(e)
+                continue
+            if done is not None:
+                done.set_result(None)
+
+    def _add(self, command: AddRequest) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead.reason)
+        self.engine.add_request(command.prompt, command.params, req_id=command.req_id, priority=command.priority,
+                                tenant_id=command.tenant_id, cache_salt=command.cache_salt)
+        with self._streams_lock:
+            self._streams[command.req_id] = command.stream
+
+    def _abort(self, command: AbortRequest) -> None:
+        with self._streams_lock:
+            if command.owner is not None and self._streams.get(command.req_id) is not command.owner:
+                return
+        final = self.engine.abort_request(command.req_id)
+        if final is not None:
+            self._deliver(final)
+
+    def _run_loop(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug in the loop itself: nobody can be served any more
+            logger.exception("the engine loop crashed")
+            self.declare_dead(f"the engine loop crashed ({type(e).__name__})")
+        finally:
+            # Whatever the engine still holds goes back to the pool; their streams were already told.
+            error = self._dead.reason if self._dead else "the engine was shut down"
+            for out in self.engine.abort_all(error):
+                self._deliver(out)
+            with self._streams_lock:
+                streams, self._streams = self._streams, {}
+            for stream in streams.values():
+                self._put(stream, EngineDeadError(error))
 
     def _loop(self) -> None:
-        while not self._stopped:
+        beat = self.heartbeat
+        while not self._stopped and self._dead is None:
             self._run_commands()
             if not self.engine.has_unfinished_requests():
+                beat.progress_at = time.monotonic()
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
                 continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:
-                logger.exception("engine step failed outside the model; failing all requests")
-                self._fail_all(e)
-                continue
+            beat.step_started_at = time.monotonic()
+            outputs = self.engine.step()
+            beat.step_started_at = None
+            if self.engine.last_step_num_tokens or outputs:
+                beat.progress_at = time.monotonic()
+            elif self.engine.has_unfinished_requests():
+                self._wakeup.wait(timeout=_IDLE_RETRY_S)
+                self._wakeup.clear()
+            if self._dead is not None:
+                return  # declared dead during the step: its outputs have nowhere to go
             for out in outputs:
-                self._deliver(out, out.req_id)
-        self._fail_all(EngineDeadError("the engine was shut down"))
-
-    def _fail_all(self, error: Exception) -> None:
-        for req_id in list(self._streams):
-            try:
-                self.engine.abort_request(req_id)
-            except Exception:
-                logger.exception("abort of %s failed", req_id)
-            self._deliver(EngineDeadError(str(error)) if not isinstance(error, EngineDeadError) else error, req_id)
+                self._deliver(out)

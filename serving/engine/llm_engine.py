@@ -2,13 +2,24 @@
 
 `step()` is the whole loop body: schedule, run the model, update the scheduler, detokenize, check stop
 conditions, finish requests. The offline `LLM` calls it until everything finishes; `AsyncLLM` calls it from its
-own thread. A request that fails validation is refused in `add_request` and never reaches a step; a step that
-raises fails the requests it held and the engine goes on with the rest.
+own thread.
+
+Two rules keep one request from hurting another:
+- Atomic admission: `add_request` checks a request whole (prompt, every sampling field, token ids inside the
+  vocabulary) and builds all of its state before it touches the scheduler, so a refusal leaves nothing behind.
+  The engine's table of requests and the scheduler's change together, in `add_request` and `_drop`, so the
+  engine never tracks a request the scheduler does not hold, nor the other way round.
+- Fault isolation: `step()` never raises. What fails in one request's own work (sampling, stop matching,
+  detokenizing, logprobs) fails that request alone, with its own error. A failure nobody can be blamed for (the
+  model forward, the scheduler) fails the requests of that step, with a message that names no other request's
+  data, and counts as a failed step for the watchdog.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import count
@@ -19,10 +30,12 @@ from scheduler import Priority, Request, RequestStatus, Scheduler, SchedulerConf
 from scheduler.config import num_blocks_from_memory
 from serving.config import EngineConfig, available_cpus
 from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.faults import FaultInjector, InjectedFault
 from serving.engine.model_runner import ModelRunner, kv_bytes_per_block
 from serving.engine.outputs import RequestMetrics, RequestOutput
 from serving.engine.sampler import SamplingState, make_sampling_state
 from serving.engine.sampling_params import SamplingParams
+from serving.engine.stats import EngineStats, StepTotals
 from serving.loaders import LoadedModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -57,6 +70,7 @@ class _Tracked:
     metrics: RequestMetrics  # timings
     logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per generated token
     num_emitted_tokens: int = 0  # tokens already handed out in outputs
+    fail_detokenize: bool = False  # tests: detokenizing this request raises (serving/engine/faults.py)
 
 
 class LLMEngine:
@@ -99,10 +113,12 @@ class LLMEngine:
         ))
         self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, self.device, dtype)
         self.num_blocks = num_blocks
+        self.faults: FaultInjector | None = None  # tests only: see serving/engine/faults.py
         self._tracked: dict[str, _Tracked] = {}
         self._ids = count()
         self.step_records: deque[StepRecord] = deque(maxlen=10_000)
-        self._totals = {"num_steps": 0, "step_time_s": 0.0, "schedule_time_s": 0.0, "num_tokens": 0}
+        self._totals = StepTotals()
+        self.last_step_num_tokens = 0  # tokens the latest step computed; 0 when it scheduled nothing or failed
         logger.info("engine ready: %s, %d KV blocks of %d tokens (%.0f MiB), context %d", self.loaded.path,
                     num_blocks, config.block_size, num_blocks * bytes_per_block / 2**20, self.max_model_len)
 
@@ -115,36 +131,41 @@ class LLMEngine:
                     req_id: str | None = None, priority: Priority | int = Priority.STANDARD,
                     tenant_id: str = "default", cache_salt: str | None = None,
                     arrival_time: float | None = None) -> str:
-        """Validates and queues one request. Raises ValueError naming the bad field; nothing is queued then."""
+        """Validates and queues one request. Raises ValueError naming the bad field, or QueueFullError; either
+        way nothing of the request is left in the engine or the scheduler."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         prompt_text, prompt_ids = self._prompt_ids(prompt)
-        if not prompt_ids:
-            raise ValueError("prompt must not be empty")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens but the context length is {self.max_model_len} "
-                             "(prompt plus at least one generated token)")
-        vocab = self.args.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        self._check_token_ids(prompt_ids, params)
         try:
             priority = Priority(priority)
         except ValueError:
             raise ValueError(f"priority must be one of {[p.name.lower() for p in Priority]}, got {priority!r}")
+        if not isinstance(tenant_id, str) or not tenant_id:
+            raise ValueError(f"tenant_id must be a non-empty string, got {tenant_id!r}")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
+        if not isinstance(req_id, str) or not req_id:
+            raise ValueError(f"request id must be a non-empty string, got {req_id!r}")
         if req_id in self._tracked:
             raise ValueError(f"request id {req_id!r} is already in use")
         now = arrival_time if arrival_time is not None else time.monotonic()
         request = Request(req_id=req_id, prompt_token_ids=prompt_ids, max_tokens=params.max_tokens,
                           priority=priority, tenant_id=tenant_id, cache_salt=cache_salt, arrival_time=now)
-        self.scheduler.add_request(request)  # may raise QueueFullError: nothing tracked yet
-        self._tracked[req_id] = _Tracked(
-            request=request, prompt=prompt_text, params=params,
-            sampling=make_sampling_state(params, self.eos_token_ids, self.device),
+        # Everything the request needs is built before the scheduler sees it: a failure here leaves no trace.
+        sampling = make_sampling_state(params, self.eos_token_ids, self.device)
+        tracked = _Tracked(
+            request=request, prompt=prompt_text, params=params, sampling=sampling,
             detok=IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
                                          params.skip_special_tokens),
             metrics=RequestMetrics(arrival_time=now))
+        if self.faults is not None:
+            sampling.inject_fault = self.faults.matches("sample", req_id)
+            tracked.fail_detokenize = self.faults.matches("detokenize", req_id)
+        self.scheduler.add_request(request)  # may raise (QueueFullError): nothing tracked yet
+        self._tracked[req_id] = tracked
         return req_id
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
@@ -152,7 +173,13 @@ class LLMEngine:
             return prompt, self.tokenize(prompt) if prompt else []
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                text = prompt.get("prompt")
+                if text is not None and not isinstance(text, str):
+                    raise ValueError(f"prompt must be a string, got {type(text).__name__}")
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)):
+                    raise ValueError(f"prompt_token_ids must be a list of integers, got {type(ids).__name__}")
+                return text, list(ids)
             if "prompt" in prompt:
                 return self._prompt_ids(prompt["prompt"])
             raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
@@ -160,13 +187,29 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
+    def _check_token_ids(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt must not be empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens but the context length is {self.max_model_len} "
+                             "(prompt plus at least one generated token)")
+        vocab = self.args.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        bad_stop = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {bad_stop[0]}")
+
     def abort_request(self, req_id: str) -> RequestOutput | None:
         """Frees the request's blocks at once. Returns its final output, or None for an unknown id."""
         tracked = self._tracked.get(req_id)
         if tracked is None:
             return None
-        self.scheduler.finish_requests([req_id], RequestStatus.FINISHED_ABORTED)
         return self._finish(tracked, RequestStatus.FINISHED_ABORTED)
+
+    def abort_all(self, error: str | None = None) -> list[RequestOutput]:
+        """Finishes every request (engine shutdown or death); `error` is what their clients are told."""
+        return [self._finish(t, RequestStatus.FINISHED_ABORTED, error=error) for t in list(self._tracked.values())]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._tracked)
@@ -175,29 +218,51 @@ class LLMEngine:
     def num_unfinished_requests(self) -> int:
         return len(self._tracked)
 
+    def tracked_req_ids(self) -> set[str]:
+        """The engine's requests; always the same set as the scheduler's (`scheduler.requests`)."""
+        return set(self._tracked)
+
     # -- the loop body ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step; returns an output for every request that made progress or finished."""
+        """Runs one scheduled step; returns an output for every request that made progress or finished.
+        Never raises: failures become failed requests (see the module docstring)."""
         t0 = time.perf_counter()
         step_start = time.monotonic()
-        sched_out = self.scheduler.schedule()
+        self.last_step_num_tokens = 0
+        try:
+            sched_out = self.scheduler.schedule()
+        except Exception:
+            # Nothing was handed out, so no request can be failed; the watchdog counts the failed steps.
+            logger.exception("the scheduler failed; no request ran in this step")
+            self._count_failed_step()
+            return []
         if sched_out.is_empty:
             return []
-        states = {s.req_id: self._tracked[s.req_id].sampling for s in sched_out.seqs if s.sample}
-        tenants = {s.req_id: self._tracked[s.req_id].request.tenant_id for s in sched_out.seqs}
+        req_ids = [s.req_id for s in sched_out.seqs]
         try:
+            if self.faults is not None:
+                self.faults.on_step(req_ids)
+            states = {s.req_id: self._tracked[s.req_id].sampling for s in sched_out.seqs if s.sample}
+            tenants = {s.req_id: self._tracked[s.req_id].request.tenant_id for s in sched_out.seqs}
             runner_out = self.runner.execute(sched_out, states)
-        except Exception as e:  # one bad batch must not take the engine down
-            logger.exception("step failed; aborting the %d requests in it", len(sched_out.seqs))
-            return self._fail_step(sched_out, e)
-        self.scheduler.update_from_output(sched_out, runner_out)
+            self.scheduler.update_from_output(sched_out, runner_out)
+        except Exception:
+            return self._fail_step(req_ids)
+        self._totals.num_consecutive_failed_steps = 0
+        self.last_step_num_tokens = sched_out.num_batched_tokens
         now = time.monotonic()
         outputs = []
         for seq in sched_out.seqs:
-            tracked = self._tracked[seq.req_id]
+            tracked = self._tracked.get(seq.req_id)
+            if tracked is None:
+                continue
             if tracked.metrics.first_scheduled_time is None:
                 tracked.metrics.first_scheduled_time = step_start
                 tracked.metrics.num_cached_tokens = max(tracked.request.num_cached_tokens, 0)
+            error = runner_out.errors.get(seq.req_id)
+            if error is not None:
+                outputs.append(self._fail_request(tracked, "sampling", error))
+                continue
             token = runner_out.sampled_token_ids.get(seq.req_id)
             if token is None:
                 continue
@@ -205,13 +270,18 @@ class LLMEngine:
                 tracked.metrics.first_token_time = now
             if seq.req_id in runner_out.logprobs:
                 tracked.logprobs.append(runner_out.logprobs[seq.req_id])
-            outputs.append(self._process_token(tracked, token))
+            try:
+                outputs.append(self._process_token(tracked, token))
+            except Exception as e:
+                outputs.append(self._fail_request(tracked, "detokenizing", f"{type(e).__name__}: {e}"))
         self._record(sched_out, tenants, time.perf_counter() - t0)
         return outputs
 
     def _process_token(self, tracked: _Tracked, token: int) -> RequestOutput:
         request, params = tracked.request, tracked.params
         tracked.sampling.num_output_tokens = len(request.output_token_ids)
+        if tracked.fail_detokenize:
+            raise InjectedFault("injected detokenizer failure")
         stop_hit = tracked.detok.push(token)
         num_out = len(request.output_token_ids)
         status = None
@@ -223,24 +293,39 @@ class LLMEngine:
             status = RequestStatus.FINISHED_LENGTH
         if status is None:
             return self._make_output(tracked, finished=False)
-        self.scheduler.finish_requests([request.req_id], status)
         by_token = status == RequestStatus.FINISHED_STOPPED and not stop_hit
         return self._finish(tracked, status, stop_token=token if by_token else None)
 
     def _finish(self, tracked: _Tracked, status: RequestStatus, stop_token: int | None = None,
                 error: str | None = None) -> RequestOutput:
-        del self._tracked[tracked.request.req_id]
+        self._drop(tracked.request.req_id, status)
         tracked.request.status = status
         tracked.metrics.finish_time = time.monotonic()
         tracked.metrics.num_preemptions = tracked.request.num_preemptions
-        if tracked.detok.stop_reason is None:
-            tracked.detok.flush()
+        if tracked.detok.stop_reason is None and error is None:
+            try:
+                tracked.detok.flush()
+            except Exception:  # the text stays as it was; the request still finishes and frees its blocks
+                logger.exception("request %s: detokenizing the last tokens failed", tracked.request.req_id)
         out = self._make_output(tracked, finished=True)
         out.finish_reason = _FINISH_REASONS[status]
         out.stop_reason = tracked.detok.stop_reason if tracked.detok.stop_reason is not None else (
             stop_token if stop_token is not None and stop_token not in self.eos_token_ids else None)
         out.error = error
         return out
+
+    def _drop(self, req_id: str, status: RequestStatus) -> None:
+        """The one place a request leaves: the scheduler frees its blocks and the engine forgets it, together."""
+        self.scheduler.finish_requests([req_id], status)
+        self._tracked.pop(req_id, None)
+
+    def _fail_request(self, tracked: _Tracked, stage: str, detail: str) -> RequestOutput:
+        """Fails one request for a fault in its own work; its client is told what failed, nobody else is."""
+        req_id = tracked.request.req_id
+        logger.error("request %s failed while %s: %s", req_id, stage, detail)
+        self._totals.num_failed_requests += 1
+        kind = detail.split(":", 1)[0]
+        return self._finish(tracked, RequestStatus.FINISHED_ABORTED, error=f"{stage} failed for this request ({kind})")
 
     def _make_output(self, tracked: _Tracked, finished: bool) -> RequestOutput:
         request = tracked.request
@@ -254,27 +339,50 @@ class LLMEngine:
             logprobs=list(tracked.logprobs) if tracked.params.logprobs is not None else None,
             delta_text=tracked.detok.take_delta(finished), delta_token_ids=delta_ids, metrics=tracked.metrics)
 
-    def _fail_step(self, sched_out, error: Exception) -> list[RequestOutput]:
-        req_ids = [s.req_id for s in sched_out.seqs]
-        self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
-        return [self._finish(self._tracked[r], RequestStatus.FINISHED_ABORTED, error=f"engine error: {error}")
-                for r in req_ids if r in self._tracked]
+    def _fail_step(self, req_ids: list[str]) -> list[RequestOutput]:
+        # NOTE: the exception text may quote any request of the batch, so it goes to the log under an id and the
+        # clients get only that id.
+        error_id = uuid.uuid4().hex[:12]
+        logger.exception("step failed (error id %s); failing the %d requests in it", error_id, len(req_ids))
+        self._count_failed_step()
+        failed = [self._tracked[r] for r in req_ids if r in self._tracked]
+        self._totals.num_failed_requests += len(failed)
+        message = f"the engine step running this request failed (error id {error_id})"
+        return [self._finish(t, RequestStatus.FINISHED_ABORTED, error=message) for t in failed]
+
+    def _count_failed_step(self) -> None:
+        self._totals.num_failed_steps += 1
+        self._totals.num_consecutive_failed_steps += 1
 
     # -- accounting -------------------------------------------------------------------------------------
     def _record(self, sched_out, tenants: dict[str, str], step_time: float) -> None:
         tokens = {s.req_id: s.num_tokens for s in sched_out.seqs}
         self.step_records.append(StepRecord(step_time, sched_out.schedule_time_s, sched_out.num_batched_tokens,
                                             tokens, tenants))
-        self._totals["num_steps"] += 1
-        self._totals["step_time_s"] += step_time
-        self._totals["schedule_time_s"] += sched_out.schedule_time_s
-        self._totals["num_tokens"] += sched_out.num_batched_tokens
+        totals = self._totals
+        totals.num_executed_steps += 1
+        totals.step_time_s += step_time
+        totals.schedule_time_s += sched_out.schedule_time_s
+        totals.num_batched_tokens += sched_out.num_batched_tokens
 
-    def step_stats(self) -> dict:
-        totals = dict(self._totals)
-        totals["scheduler_fraction"] = totals["schedule_time_s"] / totals["step_time_s"] if totals["step_time_s"] else 0.0
-        return totals
+    def stats(self) -> EngineStats:
+        sched = self.scheduler
+        pool = sched.kv_cache_manager.block_pool
+        return EngineStats(
+            num_total_blocks=self.num_blocks,
+            num_free_blocks=pool.num_free_blocks,
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting,
+            num_unfinished=len(self._tracked),
+            max_waiting=self.config.max_waiting,
+            kv_cache_usage=pool.usage,
+            prefix_cache_queries=pool.prefix_cache_queries,
+            prefix_cache_hits=pool.prefix_cache_hits,
+            num_preemptions=sched.num_preemptions,
+            num_steps=sched.num_steps,
+            steps=dataclasses.replace(self._totals),
+        )
 
     def reset_step_stats(self) -> None:
         self.step_records.clear()
-        self._totals = {"num_steps": 0, "step_time_s": 0.0, "schedule_time_s": 0.0, "num_tokens": 0}
+        self._totals = StepTotals()

@@ -98,8 +98,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         rows = [states[s.req_id] for s in sampled]
         out = sample(logits, rows)
-        sampled_ids = {s.req_id: t for s, t in zip(sampled, out.token_ids)}
+        errors = {sampled[i].req_id: f"{type(e).__name__}: {e}" for i, e in out.errors.items()}
+        sampled_ids = {s.req_id: t for s, t in zip(sampled, out.token_ids) if s.req_id not in errors}
         logprobs = {}
         if out.logprobs is not None:
-            logprobs = {s.req_id: lp for s, lp in zip(sampled, out.logprobs) if lp}
-        return ModelRunnerOutput(sampled_token_ids=sampled_ids, logprobs=logprobs)
+            logprobs = {s.req_id: lp for s, lp in zip(sampled, out.logprobs) if lp and s.req_id not in errors}
+        return ModelRunnerOutput(sampled_token_ids=sampled_ids, logprobs=logprobs, errors=errors)

@@ -1,13 +1,15 @@
 """The OpenAI-compatible HTTP app: `create_app(state)` -> FastAPI, served by uvicorn inside the daemon.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, and plain
-probes GET /healthz (the process answers) and GET /readyz (200 only while new requests are welcome).
+probes: GET /healthz (liveness: 200 while the engine is alive, 503 once the watchdog has declared it dead, so
+that Kubernetes restarts the pod) and GET /readyz (200 only while new requests are welcome).
 """
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from serving.http.body_limit import BodyLimitMiddleware
 from serving.http.chat import create_chat_completion
 from serving.http.completions import create_completion
 from serving.http.errors import install_error_handlers
@@ -19,16 +21,21 @@ from serving.server_state import ServerState
 
 
 def create_app(state: ServerState) -> FastAPI:
-    ctx = ServingContext(state=state, token_texts=TokenTexts(state.async_llm.tokenizer))
+    tokenizer = state.tokenizers.loop_tokenizer
+    ctx = ServingContext(state=state, tokenizer=tokenizer, token_texts=TokenTexts(tokenizer))
     app = FastAPI(title="frugal", summary="OpenAI-compatible API of the frugal serving daemon")
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=state.limits.max_body_bytes)
 
     def model_card() -> ModelCard:
         return ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
 
     @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "alive"}
+    async def healthz() -> JSONResponse:
+        health = state.async_llm.health()
+        if health.healthy:
+            return JSONResponse({"status": "alive"})
+        return JSONResponse({"status": "unhealthy", "reason": health.reason}, status_code=503)
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:

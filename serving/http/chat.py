@@ -6,11 +6,10 @@ import logging
 from fastapi import Request
 from fastapi.responses import Response
 
-from serving.engine.chat import chat_prompt_ids
 from serving.engine.outputs import RequestOutput
 from serving.http.errors import bad_request
-from serving.http.generation import (Job, ServingContext, api_error, check_admission, collect, generate, make_job,
-                                     run_for_client, stop_reason, usage)
+from serving.http.generation import (Job, ServingContext, api_error, check_admission, check_text_param, collect,
+                                     generate, make_job, run_for_client, stop_reason, usage)
 from serving.http.logprobs import chat_logprobs, delta_rows
 from serving.http.protocol import ChatCompletionRequest
 from serving.http.responses import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
@@ -20,15 +19,27 @@ from serving.http.streaming import SSEResponse, sse_events
 logger = logging.getLogger(__name__)
 
 
-def _prompt_ids(ctx: ServingContext, body: ChatCompletionRequest) -> list[int]:
+def _template_messages(ctx: ServingContext, body: ChatCompletionRequest) -> list[dict]:
+    """The messages as the chat template takes them, checked against the limits before any templating."""
+    limits = ctx.state.limits
+    limits.check_messages(len(body.messages), "messages")
     messages = []
     for i, message in enumerate(body.messages):
         try:
             messages.append(message.template_dict(i))
         except ValueError as e:
             raise bad_request(str(e), f"messages[{i}].content")
+    limits.check_prompt_chars(sum(len(m["content"]) + len(m["role"]) for m in messages), "messages")
+    for i, m in enumerate(messages):
+        check_text_param(m["role"], f"messages[{i}].role")
+        check_text_param(m["content"], f"messages[{i}].content")
+    return messages
+
+
+async def _prompt_ids(ctx: ServingContext, body: ChatCompletionRequest) -> list[int]:
+    messages = _template_messages(ctx, body)
     try:
-        return chat_prompt_ids(ctx.state.async_llm.tokenizer, messages)
+        return await ctx.state.tokenizers.chat(messages)
     except ValueError as e:
         raise bad_request(str(e), "messages")
 
@@ -38,7 +49,8 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     check_admission(state, body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
-    ids = _prompt_ids(ctx, body)
+    state.limits.check_logprobs(body.top_logprobs, "top_logprobs")
+    ids = await run_for_client(request, state, body, _prompt_ids(ctx, body))
     job = make_job(state, body, "chatcmpl", [ids], [None], logprobs=body.engine_logprobs, default_max_tokens=None)
     logger.debug("%s: %d prompt tokens, user %r", job.request_id, len(ids), body.user)
     outputs = generate(state, job)

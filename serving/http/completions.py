@@ -8,8 +8,8 @@ from fastapi.responses import Response
 
 from serving.engine.outputs import RequestOutput
 from serving.http.errors import bad_request
-from serving.http.generation import (Job, ServingContext, api_error, check_admission, collect, generate, make_job,
-                                     run_for_client, stop_reason, usage)
+from serving.http.generation import (Job, ServingContext, api_error, check_admission, check_text_param, collect,
+                                     generate, make_job, run_for_client, stop_reason, usage)
 from serving.http.logprobs import completion_logprobs, delta_rows
 from serving.http.protocol import CompletionRequest
 from serving.http.responses import Completion, CompletionChoice
@@ -21,19 +21,25 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 16
 
 
-def _prompts(ctx: ServingContext, body: CompletionRequest) -> tuple[list[list[int]], list[str | None]]:
+async def _prompts(ctx: ServingContext, body: CompletionRequest) -> tuple[list[list[int]], list[str | None]]:
     prompts = body.prompt_list()
     if not prompts:
         raise bad_request("prompt must not be empty", "prompt")
-    engine = ctx.state.async_llm.engine
-    ids = [engine.tokenize(p) if isinstance(p, str) else p for p in prompts]
+    texts = [p for p in prompts if isinstance(p, str)]
+    ctx.state.limits.check_prompt_chars(sum(len(t) for t in texts), "prompt")
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            check_text_param(p, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+    # NOTE: an empty text prompt stays empty (the engine refuses it, naming the prompt) instead of becoming BOS.
+    ids = [(await ctx.state.tokenizers.encode(p) if p else []) if isinstance(p, str) else p for p in prompts]
     return ids, [p if isinstance(p, str) else None for p in prompts]
 
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest, request: Request) -> Response:
     state = ctx.state
     check_admission(state, body)
-    prompt_ids, prompt_texts = _prompts(ctx, body)
+    state.limits.check_logprobs(body.logprobs, "logprobs")
+    prompt_ids, prompt_texts = await run_for_client(request, state, body, _prompts(ctx, body))
     job = make_job(state, body, "cmpl", prompt_ids, prompt_texts, logprobs=body.logprobs,
                    default_max_tokens=DEFAULT_MAX_TOKENS)
     logger.debug("%s: %d prompts, user %r", job.request_id, len(prompt_ids), body.user)
@@ -62,7 +68,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
 
 def _echo_texts(ctx: ServingContext, job: Job) -> list[str]:
     """Each choice's prompt as text (a token id prompt is decoded)."""
-    tokenizer = ctx.state.async_llm.tokenizer
+    tokenizer = ctx.tokenizer
     texts = [text if text is not None else tokenizer.decode(ids) for text, ids in zip(job.prompt_texts, job.prompts)]
     return [texts[i // job.n] for i in range(job.num_choices)]
 

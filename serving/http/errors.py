@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler import QueueFullError
 from serving.engine.async_engine import EngineDeadError
+from serving.limits import LimitExceeded
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def from_engine_error(exc: Exception, retry_after_ms: int, known_fields: set[str
     """The response for an exception out of AsyncLLM.generate; None for one that is a bug here."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, LimitExceeded):
+        return bad_request(str(exc), exc.param, code="limit_exceeded")
     if isinstance(exc, ValueError):
         return bad_request(str(exc), param_of(str(exc), known_fields, aliases, default_param))
     if isinstance(exc, QueueFullError):
@@ -119,6 +122,10 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     return error_response(APIError(exc.status_code, message, type=type_, code=code, headers=exc.headers))
 
 
+async def _on_limit(request: Request, exc: LimitExceeded) -> JSONResponse:
+    return error_response(bad_request(str(exc), exc.param, code="limit_exceeded"))
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error in %s %s", request.method, request.url.path)
     return error_response(APIError(500, "internal server error", type="server_error", code="internal_error"))
@@ -126,6 +133,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(LimitExceeded, _on_limit)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -24,6 +24,7 @@ from serving.http.errors import APIError, bad_request, from_engine_error, unavai
 from serving.http.logprobs import TokenTexts
 from serving.http.protocol import ChatCompletionRequest, CompletionRequest
 from serving.http.responses import PromptTokensDetails, Usage
+from serving.limits import check_text
 from serving.server_state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -32,15 +33,12 @@ T = TypeVar("T")
 GenerateRequest = ChatCompletionRequest | CompletionRequest
 ChoiceOutput = tuple[int, RequestOutput]  # (choice index, output)
 
-# NOTE: choices run as separate engine requests; a cap keeps one HTTP request from filling the batch.
-MAX_CHOICES = 16
-
-
 @dataclass(slots=True)
 class ServingContext:
     """What the handlers share for the app's lifetime."""
 
     state: ServerState  # the engine and the server's status
+    tokenizer: object  # the event loop's own tokenizer copy, for decoding only
     token_texts: TokenTexts  # token id -> text, for logprobs
 
 
@@ -104,15 +102,26 @@ def check_admission(state: ServerState, body: GenerateRequest) -> None:
         raise bad_request(unsupported[1], unsupported[0], code="unsupported_parameter")
     if body.num_choices_per_prompt < 1:
         raise bad_request(f"n must be >= 1, got {body.n}", "n")
+    n, num_prompts = body.num_choices_per_prompt, body.num_prompts
+    state.limits.check_choices(num_prompts * n, "n" if n > 1 else prompt_param(body), f"{num_prompts} x {n}")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    state.limits.check_stop(stop, "stop", body.stop_token_ids or [], "stop_token_ids")
+    for i, s in enumerate(stop):
+        check_text_param(s, f"stop[{i}]")
+
+
+def check_text_param(text: str, param: str) -> None:
+    """A 400 naming `param` for a string the tokenizer cannot take (an unpaired surrogate)."""
+    try:
+        check_text(text, param)
+    except ValueError as e:
+        raise bad_request(str(e), param, code="invalid_text") from None
 
 
 def make_job(state: ServerState, body: GenerateRequest, id_prefix: str, prompts: list[list[int]],
              prompt_texts: list[str | None], logprobs: int | None, default_max_tokens: int | None) -> Job:
     """Checks lengths and builds the sampling parameters. `default_max_tokens` None: fill the context."""
     n = body.num_choices_per_prompt
-    if len(prompts) * n > MAX_CHOICES:
-        raise bad_request(f"a request may ask for at most {MAX_CHOICES} choices (prompts x n), "
-                          f"got {len(prompts)} x {n}", "n" if n > 1 else prompt_param(body))
     max_model_len = state.max_model_len
     longest = max((len(ids) for ids in prompts), default=0)
     if longest >= max_model_len:

@@ -130,6 +130,10 @@ class ChatCompletionRequest(_GenerateRequest):
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     @property
+    def num_prompts(self) -> int:
+        return 1
+
+    @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
@@ -161,6 +165,10 @@ class CompletionRequest(_GenerateRequest):
     @property
     def max_tokens_param(self) -> str:
         return "max_tokens"
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompt_list())
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -1,7 +1,9 @@
 """Between the wire and the engine: proto requests to engine arguments, engine outputs to proto responses.
 
 Conversion errors are ValueErrors whose message starts with the proto field path (`sampling.top_p ...`); the
-servicer answers them with INVALID_ARGUMENT.
+servicer answers them with INVALID_ARGUMENT. `check_request` runs every check that needs no tokenizer (limits
+included), so a refused request costs no tokenization; `engine_request` then takes the prompt's token ids, which
+the servicer gets from the tokenizer pool, off the event loop.
 """
 from __future__ import annotations
 
@@ -9,9 +11,9 @@ import uuid
 from dataclasses import dataclass
 
 from scheduler import Priority
-from serving.engine.chat import chat_prompt_ids
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
+from serving.limits import RequestLimits, check_text
 from serving.rpc.gen.frugal.v1 import inference_pb2 as pb
 
 # NOTE: the engine's default of 16 tokens cuts most answers short; 256 is a full paragraph or a short function.
@@ -32,7 +34,7 @@ class EngineRequest:
     """One GenerateRequest, ready for AsyncLLM.generate."""
 
     req_id: str  # the client's request_id, or one assigned here
-    prompt: str | list[int]  # text (tokenized by the engine) or token ids (chat is rendered here)
+    prompt: dict  # {"prompt": text or None, "prompt_token_ids": ids}, as LLMEngine.add_request takes it
     params: SamplingParams  # validated sampling parameters
     priority: Priority  # scheduling class
     tenant_id: str  # fair-share and prefix-cache key
@@ -59,34 +61,55 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
         raise ValueError(f"sampling.{e}") from None
 
 
-def engine_request(request: pb.GenerateRequest, tokenizer) -> EngineRequest:
-    """Raises ValueError naming the bad field."""
+@dataclass(slots=True)
+class CheckedRequest:
+    """A GenerateRequest whose fields passed every check that needs no tokenizer."""
+
+    request: pb.GenerateRequest  # the message itself
+    params: SamplingParams  # validated sampling parameters
+    priority: Priority  # scheduling class
+    messages: list[dict] | None  # chat input, ready for the chat template; None for prompt / token ids
+
+
+def check_request(request: pb.GenerateRequest, limits: RequestLimits) -> CheckedRequest:
+    """Raises ValueError (or LimitExceeded) naming the bad field; costs no tokenization."""
     kind = request.WhichOneof("input")
+    messages = None
     if kind == "prompt":
-        prompt = request.prompt
+        limits.check_prompt_chars(len(request.prompt), "prompt")
+        check_text(request.prompt, "prompt")
     elif kind == "prompt_token_ids":
-        prompt = list(request.prompt_token_ids.ids)
-        if not prompt:
+        if not request.prompt_token_ids.ids:
             raise ValueError("prompt_token_ids must not be empty")
     elif kind == "chat":
+        limits.check_messages(len(request.chat.messages), "chat.messages")
         messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        limits.check_prompt_chars(sum(len(m["role"]) + len(m["content"]) for m in messages), "chat.messages")
         for i, message in enumerate(messages):
             if not message["role"]:
                 raise ValueError(f"chat.messages[{i}].role must not be empty")
-        try:
-            prompt = chat_prompt_ids(tokenizer, messages)
-        except ValueError as e:
-            raise ValueError(f"chat.{e}") from None
     else:
         raise ValueError("input: set one of prompt, prompt_token_ids or chat")
     if request.priority not in _PRIORITIES:
         raise ValueError(f"priority must be one of {', '.join(pb.Priority.keys())}, got {request.priority}")
+    sampling = request.sampling
+    limits.check_stop(sampling.stop, "sampling.stop", sampling.stop_token_ids, "sampling.stop_token_ids")
+    if sampling.HasField("logprobs"):
+        limits.check_logprobs(sampling.logprobs, "sampling.logprobs")
+    return CheckedRequest(request=request, params=sampling_params(sampling), priority=_PRIORITIES[request.priority],
+                          messages=messages)
+
+
+def engine_request(checked: CheckedRequest, prompt_ids: list[int]) -> EngineRequest:
+    """The engine's view of a checked request, with its prompt tokenized (or its chat rendered) already."""
+    request = checked.request
     ctx = request.context
+    text = request.prompt if request.WhichOneof("input") == "prompt" else None
     return EngineRequest(
         req_id=request.request_id or f"grpc-{uuid.uuid4().hex[:16]}",
-        prompt=prompt,
-        params=sampling_params(request.sampling),
-        priority=_PRIORITIES[request.priority],
+        prompt={"prompt": text, "prompt_token_ids": prompt_ids},
+        params=checked.params,
+        priority=checked.priority,
         tenant_id=ctx.tenant_id or DEFAULT_TENANT,
         workflow_id=ctx.workflow_id,
         task_id=ctx.task_id,

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.rpc.gen.frugal.v1 import inference_pb2 as pb
 from serving.rpc.gen.frugal.v1 import inference_pb2_grpc as pb_grpc
+from serving.rpc.malformed import add_guarded
 from serving.rpc.servicer import DebugServicer, InferenceServicer, StateHolder
 
 logger = logging.getLogger(__name__)
@@ -38,17 +39,23 @@ class GrpcServer:
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
+    async def set_not_serving(self) -> None:
+        """NOT_SERVING for every service (the engine is dead); the daemon exits soon after."""
+        for service in ("", INFERENCE_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def enter_drain(self) -> None:
         """NOT_SERVING for every service, for good: later `set` calls are ignored."""
         await self.health.enter_graceful_shutdown()
 
 
-async def start_grpc_server(host: str, port: int) -> GrpcServer:
-    """Binds and starts the server, NOT_SERVING until `set_serving`. Raises OSError when the port is taken."""
-    server = grpc.aio.server(options=_OPTIONS)
+async def start_grpc_server(host: str, port: int, max_message_bytes: int = 4 << 20) -> GrpcServer:
+    """Binds and starts the server, NOT_SERVING until `set_serving`. Raises OSError when the port is taken.
+    A request message over `max_message_bytes` is refused by grpc itself with RESOURCE_EXHAUSTED."""
+    server = grpc.aio.server(options=[*_OPTIONS, ("grpc.max_receive_message_length", max_message_bytes)])
     holder = StateHolder()
-    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(holder), server)
-    pb_grpc.add_DebugServiceServicer_to_server(DebugServicer(holder), server)
+    add_guarded(pb_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(holder), server)
+    add_guarded(pb_grpc.add_DebugServiceServicer_to_server, DebugServicer(holder), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", INFERENCE_SERVICE):

@@ -39,7 +39,8 @@ class StateHolder:
         if state.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
         if not state.async_llm.is_running:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine has stopped")
+            reason = state.async_llm.health().reason or "the engine has stopped"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {reason}")
         return state
 
 
@@ -56,7 +57,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     final = out
             self._check_failed(final)
         _log_finished(req, final)
-        return convert.response(final, state.model_name, state.async_llm.tokenizer)
+        return convert.response(final, state.model_name, state.tokenizers.loop_tokenizer)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> None:
         # NOTE: a coroutine that writes, not an async generator: a cancelled call then raises CancelledError right
@@ -69,7 +70,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     final = out
                     if out.finished:
                         self._check_failed(out)
-                    await context.write(convert.chunk(out, state.model_name, state.async_llm.tokenizer))
+                    await context.write(convert.chunk(out, state.model_name, state.tokenizers.loop_tokenizer))
         _log_finished(req, final)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
@@ -85,9 +86,17 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"model {request.model!r} is not served here; available: {state.model_name!r}")
         try:
-            req = convert.engine_request(request, state.async_llm.tokenizer)
+            checked = convert.check_request(request, state.limits)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            prompt_ids = await _tokenize(state, checked)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except QueueFullError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry after {state.retry_after_ms} ms",
+                                trailing_metadata=(("retry-after-ms", str(state.retry_after_ms)),))
+        req = convert.engine_request(checked, prompt_ids)
         logger.debug("request %s: tenant=%s workflow=%s task=%s priority=%s api_key=%s", req.req_id, req.tenant_id,
                      req.workflow_id or "-", req.task_id or "-", req.priority.name.lower(),
                      "set" if req.has_api_key else "none")
@@ -102,6 +111,21 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def _check_failed(out: RequestOutput) -> None:
         if out.error is not None:
             raise _EngineFailure(out.error)
+
+
+async def _tokenize(state: ServerState, checked: convert.CheckedRequest) -> list[int]:
+    """The prompt's token ids, from the tokenizer pool (never on the event loop). Raises ValueError naming the
+    field for what the chat template refuses."""
+    request = checked.request
+    kind = request.WhichOneof("input")
+    if kind == "prompt_token_ids":
+        return list(request.prompt_token_ids.ids)
+    if kind == "prompt":
+        return await state.tokenizers.encode(request.prompt) if request.prompt else []
+    try:
+        return await state.tokenizers.chat(checked.messages)
+    except ValueError as e:
+        raise ValueError(f"chat.{e}") from None
 
 
 def _log_finished(req: convert.EngineRequest, out: RequestOutput | None) -> None:
@@ -158,9 +182,12 @@ class DebugServicer(pb_grpc.DebugServiceServicer):
         if state is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         s = state.engine_stats()
+        health = state.async_llm.health()
         return pb.EngineStats(
             num_total_blocks=s.num_total_blocks, num_free_blocks=s.num_free_blocks, num_running=s.num_running,
             num_waiting=s.num_waiting, num_unfinished=s.num_unfinished, max_waiting=s.max_waiting or 0,
             kv_cache_usage=s.kv_cache_usage, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, prefix_cache_hit_rate=s.prefix_cache_hit_rate,
-            num_preemptions=s.num_preemptions, num_steps=s.num_steps, ready=state.ready, draining=state.draining)
+            num_preemptions=s.num_preemptions, num_steps=s.num_steps, ready=state.ready, draining=state.draining,
+            num_failed_steps=s.steps.num_failed_steps, num_failed_requests=s.steps.num_failed_requests,
+            num_streams=state.async_llm.num_streams, healthy=health.healthy, unhealthy_reason=health.reason or "")

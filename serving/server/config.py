@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import yaml
 
-from serving.config import EngineConfig
+from serving.config import EngineConfig, WatchdogConfig
+from serving.limits import RequestLimits
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -34,7 +35,10 @@ class ServeConfig:
     drain_grace_s: float = 30.0  # on SIGTERM, how long accepted requests may still run before they are cancelled
     retry_after_ms: int = 1000  # retry hint sent with a queue-full refusal
     log_level: str = "INFO"  # one of DEBUG, INFO, WARNING, ERROR, CRITICAL
+    tokenizer_workers: int = 2  # threads that tokenize and template prompts off the event loop
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields (validated), without `model`
+    limits: RequestLimits = field(default_factory=RequestLimits)  # what one request may ask for
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # when the engine is declared dead
 
     def engine_config(self) -> EngineConfig:
         kwargs = {"max_waiting": DEFAULT_MAX_WAITING, **self.engine}
@@ -114,7 +118,27 @@ _TOP_LEVEL: dict[str, Callable] = {
     "drain_grace_s": _number(0.0),
     "retry_after_ms": _int(0),
     "log_level": _str(choices=_LOG_LEVELS),
+    "tokenizer_workers": _int(1, maximum=64),
 }
+_LIMITS: dict[str, Callable] = {
+    "max_body_bytes": _bytes,
+    "max_grpc_message_bytes": _bytes,
+    "max_prompt_chars": _int(1),
+    "max_messages": _int(1),
+    "max_stop_strings": _int(1),
+    "max_stop_string_chars": _int(1),
+    "max_stop_token_ids": _int(1),
+    "max_choices": _int(1),
+    "max_logprobs": _int(1, maximum=20),
+}
+_WATCHDOG: dict[str, Callable] = {
+    "stall_timeout_s": _number(0.001),
+    "max_consecutive_failed_steps": _int(1),
+    "interval_s": _number(0.001),
+    "exit_after_s": _number(0.0),
+}
+# Sections built into their own dataclass: key -> (checks, type)
+_SECTIONS = {"limits": (_LIMITS, RequestLimits), "watchdog": (_WATCHDOG, WatchdogConfig)}
 _ENGINE: dict[str, Callable] = {
     "max_num_seqs": _int(1),
     "max_num_batched_tokens": _int(1),
@@ -147,8 +171,18 @@ def config_from_dict(raw: dict, overrides: dict | None = None) -> ServeConfig:
     """Validates a parsed YAML mapping, then applies overrides (command-line flags; None means not given)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"the configuration must be a mapping of keys to values, got {type(raw).__name__}")
-    _check_keys(raw, {**_TOP_LEVEL, "engine": None}, "")
-    values = {key: _TOP_LEVEL[key](key, value) for key, value in raw.items() if key != "engine"}
+    _check_keys(raw, {**_TOP_LEVEL, "engine": None, **_SECTIONS}, "")
+    values = {key: _TOP_LEVEL[key](key, value) for key, value in raw.items() if key in _TOP_LEVEL}
+    for name, (checks, cls) in _SECTIONS.items():
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name} must be a mapping, got {section!r}")
+        _check_keys(section, checks, f"{name}.")
+        kwargs = {key: checks[key](f"{name}.{key}", value) for key, value in section.items()}
+        try:
+            values[name] = cls(**kwargs)
+        except ValueError as e:  # the dataclass's own cross-field checks name the field
+            raise ConfigError(f"{name}.{e}") from e
     engine = raw.get("engine") or {}
     if not isinstance(engine, dict):
         raise ConfigError(f"engine must be a mapping of engine settings, got {engine!r}")

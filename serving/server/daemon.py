@@ -2,7 +2,9 @@
 
 Start: bind gRPC first (health NOT_SERVING, so probes get an answer while the model loads), load the model in a
 worker thread, run a short warm-up generate (it also builds the CPU kernels on first use), start HTTP in the same
-event loop, then report SERVING. SIGTERM (or SIGINT) drains: health NOT_SERVING, new calls refused (gRPC
+event loop, then report SERVING. A watchdog thread watches the engine; once it declares the engine dead, health
+turns NOT_SERVING, /healthz and /readyz answer 503, and the process exits non-zero `watchdog.exit_after_s` later
+so that it is restarted. SIGTERM (or SIGINT) drains: health NOT_SERVING, new calls refused (gRPC
 UNAVAILABLE, HTTP 503 through `state.draining`), accepted requests get `drain_grace_s` to finish, then the
 listeners close and the process exits 0.
 A second signal while draining exits at once.
@@ -24,18 +26,26 @@ from serving.server_state import ServerState
 logger = logging.getLogger(__name__)
 
 WARMUP_PROMPT = "Hello"
-ENGINE_CHECK_INTERVAL_S = 1.0
+ENGINE_CHECK_INTERVAL_S = 0.1
 
 
 def build_state(config: ServeConfig) -> ServerState:
     """Loads the model and starts the engine thread (blocking: seconds to minutes)."""
     from serving.engine.async_engine import AsyncLLM
+    from serving.engine.faults import ENV_VAR, FaultInjector
     from serving.engine.llm_engine import LLMEngine
+    from serving.engine.tokenizer_pool import TokenizerPool
 
     engine = LLMEngine(config.engine_config())
+    engine.faults = FaultInjector.from_env()
+    if engine.faults is not None:
+        logger.warning("fault injection is on (%s=%s): requests matching it will fail or hang on purpose", ENV_VAR,
+                       os.environ[ENV_VAR])
     path = pathlib.Path(engine.loaded.path)
     name = config.served_model_name or (path.stem if path.is_file() else path.name)
-    return ServerState(async_llm=AsyncLLM(engine=engine), model_name=name, max_model_len=engine.max_model_len,
+    return ServerState(async_llm=AsyncLLM(engine=engine), tokenizers=TokenizerPool(engine.tokenizer,
+                                                                                   config.tokenizer_workers),
+                       model_name=name, max_model_len=engine.max_model_len, limits=config.limits,
                        retry_after_ms=config.retry_after_ms)
 
 
@@ -43,8 +53,9 @@ async def warm_up(state: ServerState) -> None:
     """One tiny greedy request, so the first client does not pay for lazy initialisation."""
     from serving.engine.sampling_params import SamplingParams
 
-    async for _ in state.async_llm.generate(WARMUP_PROMPT, SamplingParams(max_tokens=2, temperature=0.0),
-                                            req_id="warmup"):
+    prompt_ids = await state.tokenizers.encode(WARMUP_PROMPT)
+    async for _ in state.async_llm.generate({"prompt": WARMUP_PROMPT, "prompt_token_ids": prompt_ids},
+                                            SamplingParams(max_tokens=2, temperature=0.0), req_id="warmup"):
         pass
 
 
@@ -105,7 +116,8 @@ class Daemon:
         self.grpc: GrpcServer | None = None
         self.http: _HttpServer | None = None
         self.state: ServerState | None = None
-        self.failed = False  # a server died on its own: exit non-zero after draining
+        self.failed = False  # a server or the engine died on its own: exit non-zero after draining
+        self.watchdog = None  # serving.engine.watchdog.Watchdog, once the engine runs
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stop_requested.is_set():
@@ -120,12 +132,15 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         config = self.config
         try:
-            self.grpc = await start_grpc_server(config.host, config.grpc_port)
+            self.grpc = await start_grpc_server(config.host, config.grpc_port, config.limits.max_grpc_message_bytes)
         except OSError as e:
             logger.error("cannot start: %s", e)
             return 2
         try:
             self.state = await asyncio.to_thread(build_state, config)
+            from serving.engine.watchdog import Watchdog
+
+            self.watchdog = Watchdog(self.state.async_llm, config.watchdog).start()
             if not self.stop_requested.is_set():
                 await warm_up(self.state)
                 self.grpc.holder.state = self.state
@@ -165,11 +180,17 @@ class Daemon:
             task.cancel()
 
     async def _watch_engine(self) -> None:
-        """Returns when the engine thread has died: the process then exits non-zero so it gets restarted."""
-        while self.state.async_llm.is_running:
+        """Returns `exit_after_s` after the engine died (the watchdog declared it dead, or its thread stopped):
+        health is NOT_SERVING from the moment it is seen, and the process then exits non-zero to be restarted."""
+        llm = self.state.async_llm
+        while llm.health().healthy:
             await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
-        logger.error("the engine thread has stopped; shutting down")
+        reason = llm.health().reason or "the engine has stopped"
+        logger.error("engine unhealthy: %s; health is NOT_SERVING, exiting in %.0f s", reason,
+                     self.config.watchdog.exit_after_s)
+        await self.grpc.set_not_serving()
         self.failed = True
+        await asyncio.sleep(self.config.watchdog.exit_after_s)
 
     async def _shutdown(self, grace: float) -> None:
         deadline = time.monotonic() + grace
@@ -189,8 +210,11 @@ class Daemon:
         for result in results:
             if isinstance(result, BaseException):
                 logger.error("error while stopping: %r", result)
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.state is not None:
             await asyncio.to_thread(self.state.async_llm.shutdown)
+            self.state.tokenizers.close()
 
 
 def run(config: ServeConfig) -> int:
