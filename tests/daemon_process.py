@@ -34,7 +34,9 @@ def http_app_available() -> bool:
 class DaemonProcess:
     """One daemon: a temp YAML config, a log file, start / wait until SERVING / stop."""
 
-    def __init__(self, workdir: Path, engine: dict, http: bool = False, **top_level) -> None:
+    def __init__(self, workdir: Path, engine: dict, http: bool = False, env: dict | None = None,
+                 **top_level) -> None:
+        self.extra_env = env or {}  # added to the daemon's environment
         self.grpc_port = free_port()
         self.http_port = free_port() if http else None
         self.target = f"127.0.0.1:{self.grpc_port}"
@@ -46,7 +48,8 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "DaemonProcess":
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+               **self.extra_env}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config",
                                           str(self.config_path)], cwd=REPO_ROOT, env=env, stdout=log,

@@ -22,6 +22,18 @@ def test_shipped_example_is_valid():
     assert engine.kv_cache_memory_bytes == 1 << 30 and engine.max_waiting == 256 and config.log_level == "INFO"
 
 
+def test_limits_and_watchdog_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("tokenizer_workers: 3\nlimits:\n  max_body_bytes: 1MiB\n  max_stop_strings: 4\n"
+                    "watchdog:\n  stall_timeout_s: 5\n  exit_after_s: 0\n")
+    config = load_config(str(path))
+    assert config.tokenizer_workers == 3
+    assert (config.limits.max_body_bytes, config.limits.max_stop_strings) == (1 << 20, 4)
+    assert config.limits.max_prompt_chars == 262_144  # the rest keep their defaults
+    assert (config.watchdog.stall_timeout_s, config.watchdog.exit_after_s) == (5.0, 0.0)
+    assert config.watchdog.max_consecutive_failed_steps == 5
+
+
 def test_file_values_and_cli_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("grpc_port: 6000\nhttp_port: null\nlog_level: debug\nengine:\n"
@@ -54,6 +66,15 @@ def test_file_values_and_cli_overrides(tmp_path):
     ({"engine": [1, 2]}, "engine must be a mapping"),
     ({"model": "/no/such/model.gguf"}, "model: no such file"),
     ({"grpc_port": 9000, "http_port": 9000}, "http_port and grpc_port must differ"),
+    ({"limits": {"max_stop": 4}}, "unknown key limits.max_stop; allowed: limits.max_body_bytes"),
+    ({"limits": {"max_body_bytes": "huge"}}, "limits.max_body_bytes must be a positive number of bytes"),
+    ({"limits": {"max_logprobs": 21}}, "limits.max_logprobs must be an integer in [1, 20]"),
+    ({"limits": {"max_prompt_chars": 0}}, "limits.max_prompt_chars must be an integer >= 1"),
+    ({"limits": [1]}, "limits must be a mapping"),
+    ({"watchdog": {"stall_timeout_s": 0}}, "watchdog.stall_timeout_s must be a number >= 0.001"),
+    ({"watchdog": {"max_consecutive_failed_steps": 0}}, "watchdog.max_consecutive_failed_steps must be an integer"),
+    ({"watchdog": {"exit_after": 1}}, "unknown key watchdog.exit_after"),
+    ({"tokenizer_workers": 0}, "tokenizer_workers must be an integer in [1, 64]"),
 ])
 def test_errors_name_the_key(raw, message):
     with pytest.raises(ConfigError) as err:

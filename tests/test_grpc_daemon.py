@@ -154,7 +154,7 @@ def test_deadline_exceeded_frees_blocks(stub, debug):
     ({"prompt": "hi", "sampling": pb.SamplingParams(stop_token_ids=[-1])}, "sampling.stop_token_ids"),
     ({"prompt": "hi", "sampling": pb.SamplingParams(logprobs=99)}, "sampling.logprobs"),
     ({"prompt_token_ids": pb.TokenIds(ids=[1] * (MAX_MODEL_LEN + 10))}, "prompt"),
-    ({"prompt_token_ids": pb.TokenIds(ids=[10**9])}, "prompt token ids"),
+    ({"prompt_token_ids": pb.TokenIds(ids=[10**9])}, "prompt_token_ids must be"),
     ({"chat": pb.ChatMessages()}, "chat.messages"),
     ({}, "input"),
     ({"prompt": "hi", "priority": 42}, "priority"),

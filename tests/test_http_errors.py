@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from http_support import MODEL_NAME, serve
+from serving.limits import RequestLimits
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
@@ -174,3 +175,77 @@ def test_draining_and_dead_engine_are_503(loaded_model):
             client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=2)
         assert e.value.status_code == 503 and e.value.code == "engine_dead"
         assert httpx.get(f"{small.base_url}/readyz").json()["status"] == "engine_dead"
+        assert httpx.get(f"{small.base_url}/healthz").status_code == 200  # shut down on purpose: not a failure
+
+
+def test_dead_engine_fails_liveness(loaded_model):
+    with serve(loaded_model) as small:
+        small.state.async_llm.declare_dead("the engine is stuck: test")
+        live = httpx.get(f"{small.base_url}/healthz")
+        assert live.status_code == 503 and live.json() == {"status": "unhealthy",
+                                                          "reason": "the engine is stuck: test"}
+        assert httpx.get(f"{small.base_url}/readyz").json()["status"] == "engine_dead"
+        resp = httpx.post(f"{small.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert resp.status_code == 503 and "stuck" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "x" * 2001}, "prompt"),
+    ("/v1/completions", {"prompt": ["x" * 1000, "y" * 1001]}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 2001}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 5}, "messages"),
+    ("/v1/completions", {"prompt": "Hi", "stop": ["a", "b", "c"]}, "stop"),
+    ("/v1/completions", {"prompt": "Hi", "stop": "x" * 9}, "stop"),
+    ("/v1/completions", {"prompt": "Hi", "stop_token_ids": [1, 2, 3]}, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "Hi", "n": 3}, "n"),
+    ("/v1/completions", {"prompt": ["a", "b", "c"]}, "prompt"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 4}, "logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 4}, "top_logprobs"),
+])
+def test_limits_refuse_before_any_work(loaded_model, path, body, param):
+    limits = RequestLimits(max_prompt_chars=2000, max_messages=4, max_stop_strings=2, max_stop_string_chars=8,
+                           max_stop_token_ids=2, max_choices=2, max_logprobs=3)
+    with serve(loaded_model, limits=limits) as small:
+        small.state.tokenizers.encode = small.state.tokenizers.chat = None  # a refused request never tokenizes
+        status, error = _error(small, path, body)
+        assert (status, error["param"], error["code"]) == (400, param, "limit_exceeded"), error
+        assert "limits." in error["message"]
+        assert small.engine.stats().num_steps == 0
+
+
+def test_body_limit_is_413(loaded_model):
+    with serve(loaded_model, limits=RequestLimits(max_body_bytes=1000)) as small:
+        status, error = _error(small, "/v1/completions", {"prompt": "x" * 2000})
+        assert (status, error["code"]) == (413, "request_too_large")
+
+        def chunks():  # no Content-Length: counted as it arrives
+            for _ in range(20):
+                yield b"x" * 100
+
+        resp = httpx.post(f"{small.base_url}/v1/completions", content=chunks(),
+                          headers={"content-type": "application/json"})
+        assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
+        assert _error(small, "/v1/completions", {"prompt": "Hi", "temperature": "hot"})[0] == 400  # under it
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"messages": [{"role": "user", "content": "\\ud800 hi"}]}', "messages[0].content"),
+    (b'{"messages": [{"role": "\\udfff", "content": "hi"}]}', "messages[0].role"),
+    (b'{"prompt": "a\\udc00b"}', "prompt"),
+    (b'{"prompt": "ok", "stop": ["\\ud83d"]}', "stop[0]"),
+])
+def test_lone_surrogates_are_400_naming_the_field(served, body, param):
+    path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+    resp = httpx.post(f"{served.base_url}{path}", content=body, headers={"content-type": "application/json"})
+    error = resp.json()["error"]
+    assert (resp.status_code, error["param"], error["code"]) == (400, param, "invalid_text"), error
+    assert "unpaired surrogate" in error["message"]
+
+
+def test_huge_seed_is_400_naming_seed(served):
+    status, error = _error(served, "/v1/chat/completions", {"messages": MESSAGES, "seed": 2**70})
+    assert (status, error["param"]) == (400, "seed") and "2**64" in error["message"]
+    assert served.wait_idle()
+    status, error = _error(served, "/v1/completions", {"prompt": "Hi", "stop_token_ids": [10**9], "min_tokens": 4})
+    assert (status, error["param"]) == (400, "stop_token_ids")
+    assert served.wait_idle()

@@ -256,12 +256,15 @@ class AsyncLLM:
     def _loop(self) -> None:
         beat = self.heartbeat
         while not self._stopped and self._dead is None:
+            was_idle = not self.engine.has_unfinished_requests()
             self._run_commands()
             if not self.engine.has_unfinished_requests():
                 beat.progress_at = time.monotonic()
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
                 continue
+            if was_idle:  # work just arrived: the stall clock starts now, not at the last idle check
+                beat.progress_at = time.monotonic()
             beat.step_started_at = time.monotonic()
             outputs = self.engine.step()
             beat.step_started_at = None

@@ -195,7 +195,7 @@ class LLMEngine:
                              "(prompt plus at least one generated token)")
         vocab = self.args.vocab_size
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab})")
         bad_stop = [t for t in params.stop_token_ids if t >= vocab]
         if bad_stop:
             raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {bad_stop[0]}")

@@ -96,7 +96,8 @@ def check_admission(state: ServerState, body: GenerateRequest) -> None:
         check_model(state, body.model)
     status = readiness(state)
     if status != "ready":
-        raise unavailable(_NOT_READY[status], code=status)
+        reason = state.async_llm.health().reason if status == "engine_dead" else None
+        raise unavailable(f"{_NOT_READY[status]}: {reason}" if reason else _NOT_READY[status], code=status)
     unsupported = body.unsupported_param()
     if unsupported is not None:
         raise bad_request(unsupported[1], unsupported[0], code="unsupported_parameter")

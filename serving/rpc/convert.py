@@ -7,6 +7,7 @@ the servicer gets from the tokenizer pool, off the event loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 
@@ -115,6 +116,16 @@ def engine_request(checked: CheckedRequest, prompt_ids: list[int]) -> EngineRequ
         task_id=ctx.task_id,
         has_api_key=bool(ctx.api_key),
     )
+
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def field_path(engine_message: str) -> str:
+    """An engine ValueError's message with the proto path of the field it names (`stop_token_ids ...` ->
+    `sampling.stop_token_ids ...`): the engine checks what needs the model (token ids against the vocabulary)."""
+    name = engine_message.split(" ", 1)[0]
+    return f"sampling.{engine_message}" if name in _SAMPLING_FIELDS else engine_message
 
 
 def usage(out: RequestOutput) -> pb.Usage:

@@ -163,7 +163,7 @@ class _StatusMapper:
                                 f"{exc}; retry after {retry_ms} ms",
                                 trailing_metadata=(("retry-after-ms", str(retry_ms)),))
         if isinstance(exc, ValueError):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, convert.field_path(str(exc)))
         if isinstance(exc, EngineDeadError):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine has stopped: {exc}")
         if isinstance(exc, _EngineFailure):
