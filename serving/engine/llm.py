@@ -10,6 +10,8 @@ from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
+# NOTE: the offline twin of the daemon's watchdog: a scheduler that fails every step would otherwise spin forever.
+MAX_CONSECUTIVE_FAILED_STEPS = 5
 
 
 class LLM:
@@ -70,6 +72,10 @@ class LLM:
                     finished[out.req_id] = out
             if not self.engine.has_unfinished_requests() and len(finished) < len(req_ids):
                 raise RuntimeError("engine went idle with requests unfinished")
+            num_failed = self.engine.stats().steps.num_consecutive_failed_steps
+            if num_failed >= MAX_CONSECUTIVE_FAILED_STEPS:
+                self.engine.abort_all("the engine failed step after step")
+                raise RuntimeError(f"the engine failed {num_failed} steps in a row (the log says why)")
         return [finished[r] for r in req_ids]
 
     @staticmethod

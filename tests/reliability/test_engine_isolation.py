@@ -151,3 +151,11 @@ def test_a_failing_scheduler_fails_no_request(engine):
     engine.scheduler.schedule = real
     assert run_all(engine)["a"].error is None
     assert_empty(engine)
+
+
+def test_the_offline_llm_gives_up_on_an_engine_that_fails_every_step(make_llm):
+    llm = make_llm()
+    llm.engine.scheduler.schedule = lambda: (_ for _ in ()).throw(RuntimeError("scheduler bug"))
+    with pytest.raises(RuntimeError, match="failed 5 steps in a row"):
+        llm.generate("hi", GREEDY)
+    assert not llm.engine.has_unfinished_requests()
