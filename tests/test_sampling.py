@@ -96,7 +96,7 @@ def test_bad_prompts_rejected_engine_keeps_serving(make_llm):
         llm.generate("", SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="context length"):
         llm.generate("word " * 100, SamplingParams(max_tokens=4))
-    with pytest.raises(ValueError, match="token ids"):
+    with pytest.raises(ValueError, match="prompt_token_ids must be integers"):
         llm.generate({"prompt_token_ids": [1, 10**9]}, SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="sampling_params"):
         llm.generate(["a", "b"], [SamplingParams(), SamplingParams(), SamplingParams()])
