@@ -41,3 +41,21 @@ def make_llm(loaded_model):
         return LLM(loaded=loaded_model, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server for the session (tests/services.py)."""
+    from services import redis_server
+
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL cluster for the session (tests/services.py)."""
+    from services import postgres_server
+
+    with postgres_server() as url:
+        yield url

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from itertools import count
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from scheduler import Priority
 from serving.config import EngineConfig
@@ -45,6 +45,19 @@ class _Stream:
     queue: asyncio.Queue  # RequestOutput items, or an exception; the last output has finished=True
 
 
+@dataclass(frozen=True, slots=True)
+class EngineDone:
+    """How one submitted request ended, for whoever accounts for it (the control plane settles its cost)."""
+
+    req_id: str  # engine request id
+    accepted: bool  # False: the engine never took it (refused, cancelled before the add ran, engine not running)
+    output: RequestOutput | None  # its final output; None when not accepted or when the engine died under it
+    error: str | None = None  # why it ended without a final output
+
+
+OnDone = Callable[[EngineDone], None]  # called once per generate() that started, from any thread
+
+
 @dataclass(slots=True)
 class AddRequest:
     """Queue a request; `done` gets None once the engine holds it, or the refusal."""
@@ -55,7 +68,9 @@ class AddRequest:
     priority: Priority | int  # scheduling class
     tenant_id: str  # fair-share and prefix-cache key
     cache_salt: str | None  # prefix-cache salt; None: the tenant id
+    busy_s_cap: float | None  # most step time the request may take (a hard budget's reservation)
     stream: _Stream  # where the request's outputs go
+    on_done: OnDone | None  # told how the request ended, once
     done: concurrent.futures.Future  # completed by the engine thread
 
 
@@ -91,6 +106,7 @@ class AsyncLLM:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
+        self._on_done: dict[str, OnDone] = {}  # accepted requests whose end someone waits to hear of
         self._streams_lock = threading.Lock()  # the engine thread delivers, the watchdog may fail them all
         self._ids = count()
         self._stopped = False
@@ -101,18 +117,27 @@ class AsyncLLM:
     # -- public API -------------------------------------------------------------------------------------
     async def generate(self, prompt, params: SamplingParams | None = None, req_id: str | None = None,
                        priority: Priority | int = Priority.STANDARD, tenant_id: str = "default",
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, busy_s_cap: float | None = None,
+                       on_done: OnDone | None = None) -> AsyncIterator[RequestOutput]:
         """Yields incremental outputs for one request until the finished one. Raises ValueError for bad input
         (before anything is yielded), QueueFullError when the waiting queue is full and EngineDeadError when
-        the engine is not running."""
+        the engine is not running. `on_done` hears once how the request ended, whatever happens to this
+        iterator, as soon as it has started."""
         req_id = req_id or f"areq-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         stream = _Stream(loop=loop, queue=asyncio.Queue())
         finished = False
+        command = AddRequest(req_id, prompt, params, priority, tenant_id, cache_salt, busy_s_cap, stream, on_done,
+                             concurrent.futures.Future())
         try:
             # Inside the try: a caller cancelled while the add is in flight still aborts what the add queued.
-            await self._submit(AddRequest(req_id, prompt, params, priority, tenant_id, cache_salt, stream,
-                                          concurrent.futures.Future()))
+            # Once queued, the engine thread owns the command and tells on_done how it ended.
+            if not self.is_running:
+                error = self._dead.reason if self._dead else "the engine is not running"
+                if on_done is not None:
+                    on_done(EngineDone(req_id, accepted=False, output=None, error=error))
+                raise EngineDeadError(error)
+            await self._submit(command)
             while True:
                 out = await stream.queue.get()
                 if isinstance(out, BaseException):
@@ -130,6 +155,8 @@ class AsyncLLM:
                 self._wakeup.set()
 
     async def abort(self, req_id: str) -> None:
+        if not self.is_running:
+            raise EngineDeadError(self._dead.reason if self._dead else "the engine is not running")
         await self._submit(AbortRequest(req_id, owner=None, done=concurrent.futures.Future()))
 
     def stats(self) -> EngineStats:
@@ -160,9 +187,12 @@ class AsyncLLM:
                 return
             self._dead = EngineHealth(False, reason, time.monotonic())
             streams, self._streams = self._streams, {}
+            callbacks, self._on_done = self._on_done, {}
         logger.error("engine declared dead: %s; failing %d open requests", reason, len(streams))
         for stream in streams.values():
             self._put(stream, EngineDeadError(reason))
+        for req_id, callback in callbacks.items():
+            self._call(callback, EngineDone(req_id, accepted=True, output=None, error=reason))
         if self.engine.faults is not None:
             self.engine.faults.release()
         self._wakeup.set()
@@ -176,10 +206,12 @@ class AsyncLLM:
 
     # -- plumbing ---------------------------------------------------------------------------------------
     async def _submit(self, command: AddRequest | AbortRequest):
-        if not self.is_running:
-            raise EngineDeadError(self._dead.reason if self._dead else "the engine is not running")
+        """Queues a command for the engine thread and awaits it. Callers check `is_running` first; a loop that
+        stopped in between is caught here, and the command answered as the loop would have."""
         self._commands.put(command)
         self._wakeup.set()
+        if not self._thread.is_alive():
+            self._drain_commands(self._dead.reason if self._dead else "the engine is not running")
         return await asyncio.wrap_future(command.done)
 
     @staticmethod
@@ -189,14 +221,25 @@ class AsyncLLM:
         except RuntimeError:  # the consumer's loop is closed
             pass
 
+    @staticmethod
+    def _call(callback: OnDone, done: EngineDone) -> None:
+        try:
+            callback(done)
+        except Exception:  # an accounting bug must not take the engine loop down
+            logger.exception("on_done callback for %s failed", done.req_id)
+
     def _deliver(self, out: RequestOutput) -> None:
+        callback = None
         with self._streams_lock:
             stream = self._streams.get(out.req_id)
-            if stream is None:
-                return
             if out.finished:
-                del self._streams[out.req_id]
-        self._put(stream, out)
+                self._streams.pop(out.req_id, None)
+                callback = self._on_done.pop(out.req_id, None)
+        # NOTE: the accounting hears of the end before the consumer does, so a settlement is never behind it.
+        if callback is not None:
+            self._call(callback, EngineDone(out.req_id, accepted=True, output=out))
+        if stream is not None:
+            self._put(stream, out)
 
     def _run_commands(self) -> None:
         while True:
@@ -207,7 +250,9 @@ class AsyncLLM:
             done = command.done
             if done is not None and not done.set_running_or_notify_cancel():
                 if isinstance(command, AddRequest):
-                    continue  # the caller was cancelled before the add ran: never queue the request
+                    # The caller was cancelled before the add ran: never queue the request.
+                    self._refused(command, "cancelled before the engine took it")
+                    continue
                 done = None
             try:
                 if isinstance(command, AddRequest):
@@ -215,19 +260,28 @@ class AsyncLLM:
                 else:
                     self._abort(command)
             except Exception as e:  # bad input: the caller gets the error, the loop goes on
+                if isinstance(command, AddRequest):
+                    self._refused(command, f"{type(e).__name__}: {e}")
                 if done is not None:
                     done.set_exception(e)
                 continue
             if done is not None:
                 done.set_result(None)
 
+    def _refused(self, command: AddRequest, error: str) -> None:
+        if command.on_done is not None:
+            self._call(command.on_done, EngineDone(command.req_id, accepted=False, output=None, error=error))
+
     def _add(self, command: AddRequest) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead.reason)
         self.engine.add_request(command.prompt, command.params, req_id=command.req_id, priority=command.priority,
-                                tenant_id=command.tenant_id, cache_salt=command.cache_salt)
+                                tenant_id=command.tenant_id, cache_salt=command.cache_salt,
+                                busy_s_cap=command.busy_s_cap)
         with self._streams_lock:
             self._streams[command.req_id] = command.stream
+            if command.on_done is not None:
+                self._on_done[command.req_id] = command.on_done
 
     def _abort(self, command: AbortRequest) -> None:
         with self._streams_lock:
@@ -250,8 +304,24 @@ class AsyncLLM:
                 self._deliver(out)
             with self._streams_lock:
                 streams, self._streams = self._streams, {}
+                callbacks, self._on_done = self._on_done, {}
             for stream in streams.values():
                 self._put(stream, EngineDeadError(error))
+            for req_id, callback in callbacks.items():
+                self._call(callback, EngineDone(req_id, accepted=True, output=None, error=error))
+            self._drain_commands(error)
+
+    def _drain_commands(self, error: str) -> None:
+        """Commands queued after the loop's last turn: their callers are told the engine is gone."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, AddRequest):
+                self._refused(command, error)
+            if command.done is not None and command.done.set_running_or_notify_cancel():
+                command.done.set_exception(EngineDeadError(error))
 
     def _loop(self) -> None:
         beat = self.heartbeat

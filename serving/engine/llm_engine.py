@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -29,13 +28,14 @@ import torch
 from scheduler import Priority, Request, RequestStatus, Scheduler, SchedulerConfig
 from scheduler.config import num_blocks_from_memory
 from serving.config import EngineConfig, available_cpus
+from serving.engine.accounting import StepAccounting
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.faults import FaultInjector, InjectedFault
 from serving.engine.model_runner import ModelRunner, kv_bytes_per_block
 from serving.engine.outputs import RequestMetrics, RequestOutput
 from serving.engine.sampler import SamplingState, make_sampling_state
 from serving.engine.sampling_params import SamplingParams
-from serving.engine.stats import EngineStats, StepTotals
+from serving.engine.stats import EngineStats
 from serving.loaders import LoadedModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -45,17 +45,6 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
 }
-
-
-@dataclass(slots=True)
-class StepRecord:
-    """One engine step, kept so accelerator time can be attributed to the requests that shared it."""
-
-    step_time_s: float  # wall time of the whole step
-    schedule_time_s: float  # part of it spent in the scheduler
-    num_tokens: int  # tokens computed in the step
-    tokens_per_req: dict[str, int]  # req_id -> tokens it computed in this step
-    tenant_of_req: dict[str, str]  # req_id -> tenant_id
 
 
 @dataclass(slots=True)
@@ -71,6 +60,7 @@ class _Tracked:
     logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per generated token
     num_emitted_tokens: int = 0  # tokens already handed out in outputs
     fail_detokenize: bool = False  # tests: detokenizing this request raises (serving/engine/faults.py)
+    busy_s_cap: float | None = None  # stop the request (finish "length") once its share of step time passes this
 
 
 class LLMEngine:
@@ -116,8 +106,7 @@ class LLMEngine:
         self.faults: FaultInjector | None = None  # tests only: see serving/engine/faults.py
         self._tracked: dict[str, _Tracked] = {}
         self._ids = count()
-        self.step_records: deque[StepRecord] = deque(maxlen=10_000)
-        self._totals = StepTotals()
+        self.accounting = StepAccounting()
         self.last_step_num_tokens = 0  # tokens the latest step computed; 0 when it scheduled nothing or failed
         logger.info("engine ready: %s, %d KV blocks of %d tokens (%.0f MiB), context %d", self.loaded.path,
                     num_blocks, config.block_size, num_blocks * bytes_per_block / 2**20, self.max_model_len)
@@ -130,9 +119,10 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int] | dict, params: SamplingParams | None = None,
                     req_id: str | None = None, priority: Priority | int = Priority.STANDARD,
                     tenant_id: str = "default", cache_salt: str | None = None,
-                    arrival_time: float | None = None) -> str:
+                    arrival_time: float | None = None, busy_s_cap: float | None = None) -> str:
         """Validates and queues one request. Raises ValueError naming the bad field, or QueueFullError; either
-        way nothing of the request is left in the engine or the scheduler."""
+        way nothing of the request is left in the engine or the scheduler. `busy_s_cap` bounds the request's
+        share of step time (what a hard budget reserved for it): past it the request finishes with "length"."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
@@ -144,6 +134,8 @@ class LLMEngine:
             raise ValueError(f"priority must be one of {[p.name.lower() for p in Priority]}, got {priority!r}")
         if not isinstance(tenant_id, str) or not tenant_id:
             raise ValueError(f"tenant_id must be a non-empty string, got {tenant_id!r}")
+        if busy_s_cap is not None and not busy_s_cap > 0:
+            raise ValueError(f"busy_s_cap must be > 0 seconds, got {busy_s_cap!r}")
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
@@ -160,7 +152,7 @@ class LLMEngine:
             request=request, prompt=prompt_text, params=params, sampling=sampling,
             detok=IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
                                          params.skip_special_tokens),
-            metrics=RequestMetrics(arrival_time=now))
+            metrics=RequestMetrics(arrival_time=now), busy_s_cap=busy_s_cap)
         if self.faults is not None:
             sampling.inject_fault = self.faults.matches("sample", req_id)
             tracked.fail_detokenize = self.faults.matches("detokenize", req_id)
@@ -234,7 +226,7 @@ class LLMEngine:
         except Exception:
             # Nothing was handed out, so no request can be failed; the watchdog counts the failed steps.
             logger.exception("the scheduler failed; no request ran in this step")
-            self._count_failed_step()
+            self.accounting.failed_step()
             return []
         if sched_out.is_empty:
             return []
@@ -244,11 +236,11 @@ class LLMEngine:
                 self.faults.on_step(req_ids)
             states = {s.req_id: self._tracked[s.req_id].sampling for s in sched_out.seqs if s.sample}
             tenants = {s.req_id: self._tracked[s.req_id].request.tenant_id for s in sched_out.seqs}
+            metrics = {s.req_id: self._tracked[s.req_id].metrics for s in sched_out.seqs}
             runner_out = self.runner.execute(sched_out, states)
             self.scheduler.update_from_output(sched_out, runner_out)
         except Exception:
             return self._fail_step(req_ids)
-        self._totals.num_consecutive_failed_steps = 0
         self.last_step_num_tokens = sched_out.num_batched_tokens
         now = time.monotonic()
         outputs = []
@@ -274,7 +266,12 @@ class LLMEngine:
                 outputs.append(self._process_token(tracked, token))
             except Exception as e:
                 outputs.append(self._fail_request(tracked, "detokenizing", f"{type(e).__name__}: {e}"))
-        self._record(sched_out, tenants, time.perf_counter() - t0)
+        self.accounting.record(sched_out, tenants, metrics, time.perf_counter() - t0)
+        for seq in sched_out.seqs:
+            tracked = self._tracked.get(seq.req_id)
+            if tracked is not None and tracked.busy_s_cap is not None and tracked.metrics.busy_s >= tracked.busy_s_cap:
+                # NOTE: its budget reserved no more: stopping here is what keeps a hard budget from being overspent.
+                outputs.append(self._finish(tracked, RequestStatus.FINISHED_LENGTH))
         return outputs
 
     def _process_token(self, tracked: _Tracked, token: int) -> RequestOutput:
@@ -323,7 +320,7 @@ class LLMEngine:
         """Fails one request for a fault in its own work; its client is told what failed, nobody else is."""
         req_id = tracked.request.req_id
         logger.error("request %s failed while %s: %s", req_id, stage, detail)
-        self._totals.num_failed_requests += 1
+        self.accounting.totals.num_failed_requests += 1
         kind = detail.split(":", 1)[0]
         return self._finish(tracked, RequestStatus.FINISHED_ABORTED, error=f"{stage} failed for this request ({kind})")
 
@@ -344,26 +341,16 @@ class LLMEngine:
         # clients get only that id.
         error_id = uuid.uuid4().hex[:12]
         logger.exception("step failed (error id %s); failing the %d requests in it", error_id, len(req_ids))
-        self._count_failed_step()
+        self.accounting.failed_step()
         failed = [self._tracked[r] for r in req_ids if r in self._tracked]
-        self._totals.num_failed_requests += len(failed)
+        self.accounting.totals.num_failed_requests += len(failed)
         message = f"the engine step running this request failed (error id {error_id})"
         return [self._finish(t, RequestStatus.FINISHED_ABORTED, error=message) for t in failed]
 
-    def _count_failed_step(self) -> None:
-        self._totals.num_failed_steps += 1
-        self._totals.num_consecutive_failed_steps += 1
-
     # -- accounting -------------------------------------------------------------------------------------
-    def _record(self, sched_out, tenants: dict[str, str], step_time: float) -> None:
-        tokens = {s.req_id: s.num_tokens for s in sched_out.seqs}
-        self.step_records.append(StepRecord(step_time, sched_out.schedule_time_s, sched_out.num_batched_tokens,
-                                            tokens, tenants))
-        totals = self._totals
-        totals.num_executed_steps += 1
-        totals.step_time_s += step_time
-        totals.schedule_time_s += sched_out.schedule_time_s
-        totals.num_batched_tokens += sched_out.num_batched_tokens
+    @property
+    def step_records(self):
+        return self.accounting.records
 
     def stats(self) -> EngineStats:
         sched = self.scheduler
@@ -380,9 +367,8 @@ class LLMEngine:
             prefix_cache_hits=pool.prefix_cache_hits,
             num_preemptions=sched.num_preemptions,
             num_steps=sched.num_steps,
-            steps=dataclasses.replace(self._totals),
+            steps=dataclasses.replace(self.accounting.totals),
         )
 
     def reset_step_stats(self) -> None:
-        self.step_records.clear()
-        self._totals = StepTotals()
+        self.accounting.reset()

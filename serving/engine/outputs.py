@@ -12,6 +12,7 @@ class RequestMetrics:
     finish_time: float | None = None  # when it finished
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     num_preemptions: int = 0  # times it was preempted and recomputed
+    busy_s: float = 0.0  # its share of engine step time (serving/engine/accounting.py)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,129 @@
+"""One accepted request, from admission to its settlement: its reservations, the engine requests it started, and
+the ledger row and real cost it ends with.
+
+The front end asks for one callback per engine request (`expect`) and passes it to AsyncLLM.generate, which
+calls it exactly once however the engine request ends. When every engine request has ended and the front end
+has said it starts no more (`close`, implied by `settled`), the admission settles on its own: it writes the
+ledger row, adds the real cost to every budget line, drops its reservations and gives unused tokens back to
+the rate limits. A normal response awaits `settled()` before its last bytes go out, so a response a client
+received always has its committed row; a cancelled or failed request settles all the same, with nobody waiting.
+An admission whose engine requests were all refused writes no row and releases everything.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from serving.control.budgets import Amount, BudgetLine
+from serving.control.context import RequestContext
+from serving.control.ledger import LedgerRow
+from serving.control.ratelimit import Charge
+
+if TYPE_CHECKING:  # the engine pulls in torch; the control plane does not need it
+    from serving.control.plane import ControlPlane
+    from serving.engine.async_engine import EngineDone, OnDone
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    status: str  # ok | cancelled | failed | refused (no row)
+    cost_usd: float  # what the request cost
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    busy_s: float  # its share of engine step time
+
+
+@dataclass(slots=True)
+class Admission:
+    plane: "ControlPlane"
+    ctx: RequestContext  # who asked
+    request_id: str  # the response id the client sees
+    model: str  # served model id
+    route: str  # where it runs
+    prompt_tokens: int  # all prompts, each counted once
+    num_choices_per_prompt: int  # n
+    max_tokens: int  # per engine request, after any soft-budget fallback
+    lines: list[BudgetLine]  # budget lines it was reserved on
+    reserved: Amount  # the worst case reserved on every line
+    charges: list[Charge]  # rate-limit charges taken (token buckets get the unused part back)
+    busy_s_cap: float | None  # per engine request, from a hard money budget; None: uncapped
+    soft_over: list[str]  # soft budgets past their limit, described
+    admission_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the reservation id
+    started: float = field(default_factory=time.monotonic)
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    _expected: int = 0  # engine requests submitted
+    _done: list[tuple[int, "EngineDone"]] = field(default_factory=list)  # (choice index, how it ended)
+    _closed: bool = False
+    _task: asyncio.Task | None = None
+
+    def expect(self, index: int = 0) -> "OnDone":
+        """The callback for engine request `index` (prompt index * n + choice); call once per submission."""
+        self._expected += 1
+
+        def on_done(done: "EngineDone") -> None:
+            self._loop.call_soon_threadsafe(self._one_done, index, done)
+        return on_done
+
+    def close(self) -> None:
+        """No more engine requests will be submitted; settles once the submitted ones have ended."""
+        self._closed = True
+        self._maybe_settle()
+
+    async def settled(self) -> Settlement:
+        """Closes the admission and waits for its settlement (its ledger row committed). Raises LedgerUnavailable
+        when the row could not be committed: the response must not be sent then."""
+        self.close()
+        while self._task is None:  # the last engine request's callback is already on its way to the loop
+            await asyncio.sleep(0)
+        return await asyncio.shield(self._task)
+
+    def _one_done(self, index: int, done: "EngineDone") -> None:
+        self._done.append((index, done))
+        self._maybe_settle()
+
+    def _maybe_settle(self) -> None:
+        if self._closed and self._task is None and len(self._done) >= self._expected:
+            self._task = asyncio.ensure_future(self._settle())
+            self.plane.track(self._task)
+
+    async def _settle(self) -> Settlement:
+        plane, ctx = self.plane, self.ctx
+        accepted = [(i, d) for i, d in self._done if d.accepted]
+        if not accepted:
+            await plane.release(self)
+            return Settlement("refused", 0.0, 0, 0, 0, 0.0)
+        outputs = [(i, d.output) for i, d in accepted if d.output is not None]
+        completion = sum(len(o.token_ids) for _, o in outputs)
+        n = self.num_choices_per_prompt
+        cached = min(self.prompt_tokens, sum(o.num_cached_tokens for i, o in outputs if i % n == 0))
+        busy_s = sum(o.metrics.busy_s for _, o in outputs if o.metrics is not None)
+        cost = plane.cost_model(self.model).actual(busy_s, self.prompt_tokens, cached, completion)
+        status, error_code = "ok", None
+        if len(outputs) < len(accepted):
+            status, error_code = "failed", "engine_dead"
+        elif any(o.error is not None for _, o in outputs):
+            status, error_code = "failed", "engine_error"
+        elif any(o.finish_reason == "abort" for _, o in outputs):
+            status, error_code = "cancelled", None
+        first_tokens = [o.metrics.first_token_time - o.metrics.arrival_time for _, o in outputs
+                        if o.metrics is not None and o.metrics.first_token_time is not None]
+        row = LedgerRow(
+            ts=time.time(), request_id=self.request_id, admission_id=self.admission_id, replica=plane.replica,
+            tenant=ctx.tenant, key_id=ctx.key_id, workflow=ctx.workflow_id, task=ctx.task_id, model=self.model,
+            route=self.route, prompt_tokens=self.prompt_tokens, completion_tokens=completion, cached_tokens=cached,
+            cost_usd=cost, busy_s=busy_s, ttft_ms=1000 * min(first_tokens) if first_tokens else None,
+            latency_ms=1000 * (time.monotonic() - self.started), status=status, error_code=error_code)
+        settlement = Settlement(status, cost, self.prompt_tokens, completion, cached, busy_s)
+        try:
+            await plane.ledger.commit_request(row)
+        finally:
+            # The cost happened whether or not its row is in yet (a failed commit stays queued): count it.
+            await plane.settle(self, Amount(cost, self.prompt_tokens + completion))
+        return settlement
