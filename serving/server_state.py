@@ -1,5 +1,5 @@
 """What the daemon's two front ends (gRPC and the OpenAI-compatible HTTP app) share: one engine, its tokenizer
-pool, the request limits and the server's status.
+pool, the control plane, the request limits and the server's status.
 
 The daemon builds one `ServerState`, warms the engine up, sets `ready`, and hands the same object to the gRPC
 servicer and to `serving.http.app.create_app(state)`. On SIGTERM it sets `draining`; both front ends then refuse
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from serving.limits import RequestLimits
 
 if TYPE_CHECKING:  # AsyncLLM pulls in torch; the state itself must stay cheap to import
+    from serving.control.plane import ControlPlane
     from serving.engine.async_engine import AsyncLLM
     from serving.engine.stats import EngineStats
     from serving.engine.tokenizer_pool import TokenizerPool
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # AsyncLLM pulls in torch; the state itself must stay cheap t
 class ServerState:
     async_llm: "AsyncLLM"  # the one engine both front ends serve from
     tokenizers: "TokenizerPool"  # prompt tokenization and chat templating, off the event loop
+    control: "ControlPlane"  # keys, limits, budgets, cost and the ledger: every request's admission and settlement
     model_name: str  # served model id (config `served_model_name`, else the model file's stem)
     max_model_len: int  # context length: prompt plus generated tokens
     limits: RequestLimits = field(default_factory=RequestLimits)  # what one request may ask for

@@ -40,8 +40,9 @@ class DaemonProcess:
         self.grpc_port = free_port()
         self.http_port = free_port() if http else None
         self.target = f"127.0.0.1:{self.grpc_port}"
+        control = {"data_dir": str(workdir), **top_level.pop("control", {})}  # the ledger stays in the test's dir
         config = {"host": "127.0.0.1", "grpc_port": self.grpc_port, "http_port": self.http_port,
-                  "log_level": "INFO", **top_level, "engine": engine}
+                  "log_level": "INFO", **top_level, "engine": engine, "control": control}
         self.config_path = workdir / "frugal.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "daemon.log"

@@ -3,7 +3,9 @@ so OpenAI's own client talks to it over real HTTP."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -12,6 +14,8 @@ import openai
 import uvicorn
 
 from serving.config import EngineConfig
+from serving.control.config import control_config
+from serving.control.plane import ControlPlane
 from serving.engine.async_engine import AsyncLLM
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.tokenizer_pool import TokenizerPool
@@ -48,13 +52,20 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(loaded_model, limits: RequestLimits | None = None, **engine_config):
-    """Yields a `Served` app on its own engine; keyword arguments are EngineConfig fields."""
+def serve(loaded_model, limits: RequestLimits | None = None, control: dict | None = None, **engine_config):
+    """Yields a `Served` app on its own engine; keyword arguments are EngineConfig fields, `control` the
+    control plane's config (its ledger goes to a temporary directory unless it says otherwise)."""
     engine_config.setdefault("kv_cache_memory_bytes", 96 << 20)
     engine_config.setdefault("max_model_len", 1024)
     async_llm = AsyncLLM(engine=LLMEngine(EngineConfig(**engine_config), loaded=loaded_model))
-    state = ServerState(async_llm=async_llm, tokenizers=TokenizerPool(async_llm.tokenizer), model_name=MODEL_NAME,
-                        max_model_len=async_llm.engine.max_model_len, limits=limits or RequestLimits(), ready=True)
+    data_dir = tempfile.mkdtemp(prefix="frugal-http-test-")
+    accounting = async_llm.engine.accounting
+    plane = ControlPlane.open(control_config({"data_dir": data_dir, **(control or {})}), MODEL_NAME,
+                              solo_s_per_token=lambda: accounting.solo_s_per_token,
+                              busy_s=lambda: accounting.totals.step_time_s)
+    state = ServerState(async_llm=async_llm, tokenizers=TokenizerPool(async_llm.tokenizer), control=plane,
+                        model_name=MODEL_NAME, max_model_len=async_llm.engine.max_model_len,
+                        limits=limits or RequestLimits(), ready=True)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -73,3 +84,6 @@ def serve(loaded_model, limits: RequestLimits | None = None, **engine_config):
         sock.close()
         async_llm.shutdown()
         state.tokenizers.close()
+        plane.ledger.close()
+        plane.db.dispose()
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -44,15 +44,23 @@ def _engine_request(request: pb.GenerateRequest, prompt_ids=(1,)):
     return convert.engine_request(convert.check_request(request, LIMITS), list(prompt_ids))
 
 
-def test_request_defaults_and_metadata():
-    req = _engine_request(pb.GenerateRequest(prompt="hi", context=pb.RequestContext(
-        api_key="sk-secret", workflow_id="wf", task_id="t1")), [7, 8])
+def test_request_defaults():
+    req = _engine_request(pb.GenerateRequest(prompt="hi"), [7, 8])
     assert req.prompt == {"prompt": "hi", "prompt_token_ids": [7, 8]} and req.req_id.startswith("grpc-")
     assert req.params.max_tokens == convert.DEFAULT_MAX_TOKENS and req.params.temperature == 1.0
     assert req.params.top_p == 1.0 and req.params.seed is None and req.params.logprobs is None
-    assert req.priority == Priority.STANDARD and req.tenant_id == "default"
-    assert (req.workflow_id, req.task_id, req.has_api_key) == ("wf", "t1", True)
-    assert "sk-secret" not in repr(req)
+    assert req.priority == Priority.STANDARD
+
+
+def test_caller_from_metadata_and_context():
+    ctx = pb.RequestContext(api_key="frg_a_b", workflow_id="wf", task_id="t1", tenant_id="acme")
+    caller = convert.caller(ctx, [("authorization", "Bearer frg_x_y")])
+    assert (caller.api_key, caller.workflow_id, caller.task_id, caller.on_behalf_of) == ("frg_x_y", "wf", "t1", "acme")
+    assert convert.caller(ctx, []).api_key == "frg_a_b"  # no metadata: the context's key
+    caller = convert.caller(pb.RequestContext(), [("x-frugal-task-id", "t9"), ("x-frugal-sensitivity", "private")])
+    assert (caller.task_id, caller.sensitivity, caller.api_key) == ("t9", "private", None)
+    with pytest.raises(ValueError, match="context.sensitivity"):
+        convert.caller(pb.RequestContext(sensitivity="secret"), [])
 
 
 def test_request_inputs_and_priorities():

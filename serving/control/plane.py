@@ -24,7 +24,7 @@ from serving.control.budgets import Amount, BudgetLine, LocalBudgets, lines_for
 from serving.control.config import BudgetConfig, ControlConfig
 from serving.control.context import DEFAULT_TENANT, Caller, RequestContext
 from serving.control.cost import CostModel
-from serving.control.errors import ModelNotAllowed, NotPermitted, TaskNotFound
+from serving.control.errors import ModelNotAllowed, TaskNotFound
 from serving.control.keys import KeyStore
 from serving.control.ledger import Ledger
 from serving.control.ratelimit import Charge, LocalLimiter, RedisLimiter
@@ -70,8 +70,12 @@ class ControlPlane:
 
     @classmethod
     def open(cls, config: ControlConfig, model_name: str, **kwargs) -> ControlPlane:
-        """Connects to the configured database (schema created on first use) and Redis."""
-        db = open_database(config.resolved_database_url())
+        """Connects to the configured database (schema created on first use) and Redis. Raises OSError when the
+        database cannot be reached."""
+        try:
+            db = open_database(config.resolved_database_url())
+        except sa.exc.SQLAlchemyError as e:
+            raise OSError(f"cannot open the ledger database: {getattr(e, 'orig', None) or e}") from None
         redis_client = None
         if config.redis_url:
             import redis.asyncio as aioredis
@@ -123,12 +127,8 @@ class ControlPlane:
             key = self.keys.authenticate(caller.api_key)
         else:
             key = await asyncio.to_thread(self.keys.authenticate, caller.api_key)
-        tenant = key.tenant
-        if caller.on_behalf_of and caller.on_behalf_of != key.tenant:
-            if key.role != "admin":
-                raise NotPermitted(f"key {key.key_id} may not act for another tenant (x-frugal-tenant-id needs an "
-                                   "admin key)")
-            tenant = caller.on_behalf_of
+        # NOTE: a tenant the client names is ignored unless an admin key (a platform's own gateway) acts for it.
+        tenant = caller.on_behalf_of if caller.on_behalf_of and key.role == "admin" else key.tenant
         return RequestContext(tenant=tenant, key_id=key.key_id, role=key.role, workflow_id=caller.workflow_id,
                               task_id=caller.task_id, private=private or key.private, allowed_models=key.models,
                               key_rpm=key.rpm, key_tpm=key.tpm)

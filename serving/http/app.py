@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP app: `create_app(state)` -> FastAPI, served by uvicorn inside the daemon.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, and plain
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, the agent
+reports POST /v1/outcomes and POST /v1/tasks/{task_id}/tool_calls (serving/http/control.py), and plain
 probes: GET /healthz (liveness: 200 while the engine is alive, 503 once the watchdog has declared it dead, so
 that Kubernetes restarts the pod) and GET /readyz (200 only while new requests are welcome).
 """
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from serving.http.body_limit import BodyLimitMiddleware
 from serving.http.chat import create_chat_completion
 from serving.http.completions import create_completion
+from serving.http.control import install_control_routes
 from serving.http.errors import install_error_handlers
 from serving.http.generation import ServingContext, check_model, readiness
 from serving.http.logprobs import TokenTexts
@@ -58,5 +60,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(ctx, body, request)
+
+    install_control_routes(app, state)
 
     return app

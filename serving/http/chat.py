@@ -8,8 +8,9 @@ from fastapi.responses import Response
 
 from serving.engine.outputs import RequestOutput
 from serving.http.errors import bad_request
+from serving.http.control import admit_job, authenticate
 from serving.http.generation import (Job, ServingContext, api_error, check_admission, check_text_param, collect,
-                                     generate, make_job, run_for_client, stop_reason, usage)
+                                     generate, make_job, run_for_client, settle, stop_reason, usage)
 from serving.http.logprobs import chat_logprobs, delta_rows
 from serving.http.protocol import ChatCompletionRequest
 from serving.http.responses import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
@@ -46,25 +47,36 @@ async def _prompt_ids(ctx: ServingContext, body: ChatCompletionRequest) -> list[
 
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, request: Request) -> Response:
     state = ctx.state
-    check_admission(state, body)
+    caller = await authenticate(state, request)
+    check_admission(state, body, caller)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
     state.limits.check_logprobs(body.top_logprobs, "top_logprobs")
     ids = await run_for_client(request, state, body, _prompt_ids(ctx, body))
-    job = make_job(state, body, "chatcmpl", [ids], [None], logprobs=body.engine_logprobs, default_max_tokens=None)
+    job = make_job(state, body, caller, "chatcmpl", [ids], [None], logprobs=body.engine_logprobs,
+                   default_max_tokens=None)
     logger.debug("%s: %d prompt tokens, user %r", job.request_id, len(ids), body.user)
-    outputs = generate(state, job)
-    if body.stream:
-        first = await run_for_client(request, state, body, anext(outputs))
-        usage_chunk = ChatCompletionChunk(id=job.request_id, created=job.created, model=state.model_name, choices=[])
-        events = sse_events(first, outputs, job, _prelude(job, state.model_name), _chunk_renderer(ctx, job),
-                            usage_chunk if body.include_usage else None,
-                            lambda e: api_error(e, state, body))
-        return SSEResponse(events, outputs, job.request_id)
-    finals = await run_for_client(request, state, body, collect(outputs, job))
+    await admit_job(state, job)
+    streaming = False
+    try:
+        outputs = generate(state, job)
+        if body.stream:
+            first = await run_for_client(request, state, body, anext(outputs))
+            usage_chunk = ChatCompletionChunk(id=job.request_id, created=job.created, model=state.model_name,
+                                              choices=[])
+            events = sse_events(first, outputs, job, _prelude(job, state.model_name), _chunk_renderer(ctx, job),
+                                usage_chunk if body.include_usage else None,
+                                lambda e: api_error(e, state, body))
+            streaming = True  # the event stream settles and closes the admission from here on
+            return SSEResponse(events, outputs, job.request_id)
+        finals = await run_for_client(request, state, body, collect(outputs, job))
+        settlement = await run_for_client(request, state, body, settle(job))
+    finally:
+        if not streaming:
+            job.admission.close()
     want_logprobs = body.logprobs
     completion = ChatCompletion(
-        id=job.request_id, created=job.created, model=state.model_name, usage=usage(job, finals),
+        id=job.request_id, created=job.created, model=state.model_name, usage=usage(job, finals, settlement),
         choices=[ChatChoice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
                             stop_reason=stop_reason(out),
                             logprobs=chat_logprobs(out.logprobs or [], ctx.token_texts) if want_logprobs else None)

@@ -8,8 +8,9 @@ from fastapi.responses import Response
 
 from serving.engine.outputs import RequestOutput
 from serving.http.errors import bad_request
+from serving.http.control import admit_job, authenticate
 from serving.http.generation import (Job, ServingContext, api_error, check_admission, check_text_param, collect,
-                                     generate, make_job, run_for_client, stop_reason, usage)
+                                     generate, make_job, run_for_client, settle, stop_reason, usage)
 from serving.http.logprobs import completion_logprobs, delta_rows
 from serving.http.protocol import CompletionRequest
 from serving.http.responses import Completion, CompletionChoice
@@ -37,26 +38,35 @@ async def _prompts(ctx: ServingContext, body: CompletionRequest) -> tuple[list[l
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest, request: Request) -> Response:
     state = ctx.state
-    check_admission(state, body)
+    caller = await authenticate(state, request)
+    check_admission(state, body, caller)
     state.limits.check_logprobs(body.logprobs, "logprobs")
     prompt_ids, prompt_texts = await run_for_client(request, state, body, _prompts(ctx, body))
-    job = make_job(state, body, "cmpl", prompt_ids, prompt_texts, logprobs=body.logprobs,
+    job = make_job(state, body, caller, "cmpl", prompt_ids, prompt_texts, logprobs=body.logprobs,
                    default_max_tokens=DEFAULT_MAX_TOKENS)
     logger.debug("%s: %d prompts, user %r", job.request_id, len(prompt_ids), body.user)
     echo = _echo_texts(ctx, job) if body.echo else None
-    outputs = generate(state, job)
-    if body.stream:
-        first = await run_for_client(request, state, body, anext(outputs))
-        usage_chunk = Completion(id=job.request_id, created=job.created, model=state.model_name, choices=[])
-        prelude = [_chunk(job, state.model_name, i, text) for i, text in enumerate(echo)] if echo else []
-        events = sse_events(first, outputs, job, prelude, _chunk_renderer(ctx, job),
-                            usage_chunk if body.include_usage else None,
-                            lambda e: api_error(e, state, body))
-        return SSEResponse(events, outputs, job.request_id)
-    finals = await run_for_client(request, state, body, collect(outputs, job))
+    await admit_job(state, job)
+    streaming = False
+    try:
+        outputs = generate(state, job)
+        if body.stream:
+            first = await run_for_client(request, state, body, anext(outputs))
+            usage_chunk = Completion(id=job.request_id, created=job.created, model=state.model_name, choices=[])
+            prelude = [_chunk(job, state.model_name, i, text) for i, text in enumerate(echo)] if echo else []
+            events = sse_events(first, outputs, job, prelude, _chunk_renderer(ctx, job),
+                                usage_chunk if body.include_usage else None,
+                                lambda e: api_error(e, state, body))
+            streaming = True  # the event stream settles and closes the admission from here on
+            return SSEResponse(events, outputs, job.request_id)
+        finals = await run_for_client(request, state, body, collect(outputs, job))
+        settlement = await run_for_client(request, state, body, settle(job))
+    finally:
+        if not streaming:
+            job.admission.close()
     want_logprobs = job.params.logprobs is not None
     completion = Completion(
-        id=job.request_id, created=job.created, model=state.model_name, usage=usage(job, finals),
+        id=job.request_id, created=job.created, model=state.model_name, usage=usage(job, finals, settlement),
         choices=[CompletionChoice(index=i, text=(echo[i] if echo else "") + out.text,
                                   finish_reason=out.finish_reason, stop_reason=stop_reason(out),
                                   logprobs=completion_logprobs(out.logprobs or [], ctx.token_texts, 0)

@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler import QueueFullError
+from serving.control.errors import ControlError
+from serving.control.ledger import LedgerUnavailable
 from serving.engine.async_engine import EngineDeadError
 from serving.limits import LimitExceeded
 
@@ -74,7 +76,18 @@ def from_engine_error(exc: Exception, retry_after_ms: int, known_fields: set[str
                         headers={"Retry-After": str(retry_after)})
     if isinstance(exc, EngineDeadError):
         return unavailable(f"the engine is not running: {exc}", code="engine_dead")
+    if isinstance(exc, LedgerUnavailable):
+        return unavailable(str(exc), code="ledger_unavailable")
+    if isinstance(exc, ControlError):
+        return control_api_error(exc)
     return None
+
+
+def control_api_error(exc: ControlError) -> APIError:
+    """A control-plane refusal (401, 403, 404, 429 with Retry-After) in OpenAI's shape."""
+    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))} if exc.retry_after_s else None
+    return APIError(exc.http_status, exc.message, type=exc.error_type, param=exc.param, code=exc.code,
+                    headers=headers)
 
 
 def error_response(err: APIError) -> JSONResponse:

@@ -1,9 +1,10 @@
 """What both generate endpoints share: admission, prompt and length checks, running the choices, disconnects, usage.
 
-A request becomes a `Job`: its prompts as token ids, one SamplingParams, and n choices per prompt. Each choice
-is one engine request; `generate` merges their outputs into one stream of (choice index, output). Whoever
-consumes that stream owns it: closing it (or cancelling the task awaiting it) aborts every engine request in it,
-which frees their KV blocks at the next step boundary.
+A request becomes a `Job`: its prompts as token ids, one SamplingParams, n choices per prompt, the caller's
+authenticated context and, once admitted, the control plane's Admission. Each choice is one engine request;
+`generate` merges their outputs into one stream of (choice index, output). Whoever consumes that stream owns it:
+closing it (or cancelling the task awaiting it) aborts every engine request in it, which frees their KV blocks
+at the next step boundary, and the Admission settles whatever they cost.
 """
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ from typing import AsyncIterator, Awaitable, TypeVar
 from fastapi import Request
 
 from scheduler import Priority
+from serving.control.admission import Admission, Settlement
+from serving.control.context import RequestContext
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
-from serving.http.errors import APIError, bad_request, from_engine_error, unavailable
+from serving.control.errors import ControlError
+from serving.http.errors import APIError, bad_request, control_api_error, from_engine_error, unavailable
 from serving.http.logprobs import TokenTexts
 from serving.http.protocol import ChatCompletionRequest, CompletionRequest
 from serving.http.responses import PromptTokensDetails, Usage
@@ -51,6 +55,8 @@ class Job:
     n: int  # choices per prompt
     priority: Priority  # scheduling class
     created: int  # unix seconds, the `created` of every response object
+    ctx: RequestContext  # who asked (the tenant is the fair-share key and the prefix-cache salt)
+    admission: Admission | None = None  # set by serving.http.control.admit; settles the cost
 
     @property
     def num_choices(self) -> int:
@@ -89,11 +95,15 @@ def check_model(state: ServerState, model: str) -> None:
                        param="model", code="model_not_found")
 
 
-def check_admission(state: ServerState, body: GenerateRequest) -> None:
-    """Refuses what no engine work can fix: another model, a server that is not taking requests, an option
-    this server does not implement."""
+def check_admission(state: ServerState, body: GenerateRequest, ctx: RequestContext) -> None:
+    """Refuses what no engine work can fix: another model (or one the key may not use), a server that is not
+    taking requests, an option this server does not implement."""
     if body.model is not None:
         check_model(state, body.model)
+    try:
+        state.control.check_model(ctx, state.model_name)
+    except ControlError as e:
+        raise control_api_error(e) from None
     status = readiness(state)
     if status != "ready":
         reason = state.async_llm.health().reason if status == "engine_dead" else None
@@ -119,8 +129,9 @@ def check_text_param(text: str, param: str) -> None:
         raise bad_request(str(e), param, code="invalid_text") from None
 
 
-def make_job(state: ServerState, body: GenerateRequest, id_prefix: str, prompts: list[list[int]],
-             prompt_texts: list[str | None], logprobs: int | None, default_max_tokens: int | None) -> Job:
+def make_job(state: ServerState, body: GenerateRequest, ctx: RequestContext, id_prefix: str,
+             prompts: list[list[int]], prompt_texts: list[str | None], logprobs: int | None,
+             default_max_tokens: int | None) -> Job:
     """Checks lengths and builds the sampling parameters. `default_max_tokens` None: fill the context."""
     n = body.num_choices_per_prompt
     max_model_len = state.max_model_len
@@ -142,13 +153,14 @@ def make_job(state: ServerState, body: GenerateRequest, id_prefix: str, prompts:
     except ValueError as e:
         raise api_error(e, state, body) from e
     return Job(request_id=f"{id_prefix}-{uuid.uuid4().hex}", prompts=prompts, prompt_texts=prompt_texts,
-               params=params, n=n, priority=body.engine_priority, created=int(time.time()))
+               params=params, n=n, priority=body.engine_priority, created=int(time.time()), ctx=ctx)
 
 
 def generate(state: ServerState, job: Job) -> AsyncIterator[ChoiceOutput]:
     """All choices' outputs as (index, output), index = prompt index * n + choice number. Nothing runs until the
     first `__anext__`, which raises the engine's refusal (ValueError, QueueFullError, EngineDeadError)."""
     streams = []
+    admission = job.admission
     for index in range(job.num_choices):
         choice = index % job.n
         params = job.params
@@ -156,13 +168,22 @@ def generate(state: ServerState, job: Job) -> AsyncIterator[ChoiceOutput]:
             params = dataclasses.replace(params, seed=params.seed + choice)
         req_id = job.request_id if job.num_choices == 1 else f"{job.request_id}-{index}"
         prompt = {"prompt": job.prompt_texts[index // job.n], "prompt_token_ids": job.prompts[index // job.n]}
-        streams.append(state.async_llm.generate(prompt, params, req_id=req_id, priority=job.priority))
+
+        # NOTE: a factory, called right before the stream is iterated: the admission then expects exactly the
+        # engine requests that really started, and hears once how each of them ended.
+        def start(prompt=prompt, params=params, req_id=req_id, index=index):
+            return state.async_llm.generate(
+                prompt, params, req_id=req_id, priority=job.priority, tenant_id=job.ctx.tenant,
+                busy_s_cap=admission.busy_s_cap if admission else None,
+                on_done=admission.expect(index) if admission else None)
+        streams.append(start)
     if len(streams) == 1:
         return _single(streams[0])
     return _merge(streams)
 
 
-async def _single(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[ChoiceOutput]:
+async def _single(start) -> AsyncIterator[ChoiceOutput]:
+    stream = start()
     try:
         async for out in stream:
             yield 0, out
@@ -170,20 +191,22 @@ async def _single(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[ChoiceO
         await stream.aclose()
 
 
-async def _merge(streams: list) -> AsyncIterator[ChoiceOutput]:
+async def _merge(starts: list) -> AsyncIterator[ChoiceOutput]:
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(index: int, stream) -> None:
+    async def pump(index: int, start) -> None:
+        stream = start()
         try:
             async for out in stream:
                 queue.put_nowait((index, out))
         except Exception as e:  # the engine refused or failed this choice: the whole request fails
             queue.put_nowait((index, e))
         finally:
+            await stream.aclose()
             queue.put_nowait((index, done))
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(starts)]
     try:
         num_open = len(tasks)
         while num_open:
@@ -257,16 +280,25 @@ async def collect(outputs: AsyncIterator[ChoiceOutput], job: Job) -> dict[int, R
     return {i: finals[i] for i in range(job.num_choices)}
 
 
+async def settle(job: Job) -> Settlement | None:
+    """Waits for the request's settlement: its cost, with its ledger row committed (raises LedgerUnavailable
+    when the row could not be; the response must then fail)."""
+    if job.admission is None:
+        return None
+    return await job.admission.settled()
+
+
 def stop_reason(out: RequestOutput) -> str | int | None:
     """The stop string or id that ended a choice; None unless it finished with "stop" (the engine also names
     the last token of a "length" finish)."""
     return out.stop_reason if out.finish_reason == "stop" else None
 
 
-def usage(job: Job, finals: dict[int, RequestOutput]) -> Usage:
-    """Prompt tokens count once per prompt, as OpenAI counts them with n > 1."""
+def usage(job: Job, finals: dict[int, RequestOutput], settlement: Settlement | None = None) -> Usage:
+    """Prompt tokens count once per prompt, as OpenAI counts them with n > 1; `cost_usd` from the settlement."""
     num_prompt = sum(len(ids) for ids in job.prompts)
     num_completion = sum(len(out.token_ids) for out in finals.values())
     num_cached = sum(finals[p * job.n].num_cached_tokens for p in range(len(job.prompts)) if p * job.n in finals)
     return Usage(prompt_tokens=num_prompt, completion_tokens=num_completion, total_tokens=num_prompt + num_completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached))
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached),
+                 cost_usd=settlement.cost_usd if settlement is not None else None)

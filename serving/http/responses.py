@@ -22,6 +22,7 @@ class Usage(BaseModel):
     completion_tokens: int  # generated tokens over all choices
     total_tokens: int  # the sum of the two
     prompt_tokens_details: PromptTokensDetails  # the cached part of the prompt
+    cost_usd: float | None = None  # what the request cost (frugal extension; serving/control/cost.py)
 
 
 class TopLogprob(BaseModel):

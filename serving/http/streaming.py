@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from serving.engine.outputs import RequestOutput
 from serving.http.errors import APIError
-from serving.http.generation import ChoiceOutput, Job, check_finished, usage
+from serving.http.generation import ChoiceOutput, Job, check_finished, settle, usage
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,10 @@ async def sse_events(first: ChoiceOutput, outputs: AsyncIterator[ChoiceOutput], 
                      render: RenderChunk, usage_chunk: BaseModel | None,
                      to_api_error: Callable[[Exception], APIError | None]) -> AsyncIterator[str]:
     """The whole event stream of one response. `first` was already taken from `outputs`; `usage_chunk` is the
-    empty last chunk that will carry the usage (None: no usage chunk)."""
+    empty last chunk that will carry the usage (None: no usage chunk, and the usage with its cost rides on the
+    last choice's final chunk). The last chunk goes out only once the request's ledger row is committed."""
     finals: dict[int, RequestOutput] = {}
+    settlement = None
     index, out = first
     try:
         for chunk in prelude:
@@ -63,6 +65,10 @@ async def sse_events(first: ChoiceOutput, outputs: AsyncIterator[ChoiceOutput], 
                 check_finished(out)
                 finals[index] = out
             chunk = render(index, out)
+            if out.finished and len(finals) == job.num_choices:
+                settlement = await settle(job)
+                if usage_chunk is None and chunk is not None:
+                    chunk = chunk.model_copy(update={"usage": usage(job, finals, settlement)})
             if chunk is not None:
                 yield sse(chunk)
             try:
@@ -70,7 +76,7 @@ async def sse_events(first: ChoiceOutput, outputs: AsyncIterator[ChoiceOutput], 
             except StopAsyncIteration:
                 break
         if usage_chunk is not None:
-            yield sse(usage_chunk.model_copy(update={"usage": usage(job, finals)}))
+            yield sse(usage_chunk.model_copy(update={"usage": usage(job, finals, settlement)}))
         yield DONE
     except Exception as e:  # after the headers, an error can only travel as an event
         err = to_api_error(e)
@@ -81,3 +87,5 @@ async def sse_events(first: ChoiceOutput, outputs: AsyncIterator[ChoiceOutput], 
         yield DONE
     finally:
         await outputs.aclose()
+        if job.admission is not None:
+            job.admission.close()

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from scheduler import Priority
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
+from serving.control.context import Caller
 from serving.limits import RequestLimits, check_text
 from serving.rpc.gen.frugal.v1 import inference_pb2 as pb
 
 # NOTE: the engine's default of 16 tokens cuts most answers short; 256 is a full paragraph or a short function.
 DEFAULT_MAX_TOKENS = 256
-DEFAULT_TENANT = "default"
 
 _PRIORITIES = {
     pb.PRIORITY_UNSPECIFIED: Priority.STANDARD,
@@ -38,10 +38,25 @@ class EngineRequest:
     prompt: dict  # {"prompt": text or None, "prompt_token_ids": ids}, as LLMEngine.add_request takes it
     params: SamplingParams  # validated sampling parameters
     priority: Priority  # scheduling class
-    tenant_id: str  # fair-share and prefix-cache key
-    workflow_id: str  # control-plane metadata, logged for now
-    task_id: str  # control-plane metadata, logged for now
-    has_api_key: bool  # whether an API key came with the request (the key itself is never kept)
+
+
+def caller(request_context: pb.RequestContext, metadata) -> Caller:
+    """The caller's credentials and ids: `authorization: Bearer KEY` metadata (else context.api_key), the
+    workflow and task ids, and for admin keys the tenant to act for (context.tenant_id or x-frugal-tenant-id)."""
+    meta = {k.lower(): v for k, v in (metadata or ())}
+    scheme, _, token = meta.get("authorization", "").partition(" ")
+    api_key = token.strip() if scheme.lower() == "bearer" else ""
+    sensitivity = request_context.sensitivity or meta.get("x-frugal-sensitivity", "")
+    if sensitivity not in ("", "standard", "private"):
+        raise ValueError(f"context.sensitivity must be standard or private, got {sensitivity!r}")
+    for name in ("workflow_id", "task_id", "tenant_id"):
+        if len(getattr(request_context, name)) > 128:
+            raise ValueError(f"context.{name} may have at most 128 characters")
+    return Caller(api_key=api_key or request_context.api_key or None,
+                  workflow_id=request_context.workflow_id or meta.get("x-frugal-workflow-id") or None,
+                  task_id=request_context.task_id or meta.get("x-frugal-task-id") or None,
+                  on_behalf_of=request_context.tenant_id or meta.get("x-frugal-tenant-id") or None,
+                  sensitivity=sensitivity or None)
 
 
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
@@ -104,18 +119,10 @@ def check_request(request: pb.GenerateRequest, limits: RequestLimits) -> Checked
 def engine_request(checked: CheckedRequest, prompt_ids: list[int]) -> EngineRequest:
     """The engine's view of a checked request, with its prompt tokenized (or its chat rendered) already."""
     request = checked.request
-    ctx = request.context
     text = request.prompt if request.WhichOneof("input") == "prompt" else None
-    return EngineRequest(
-        req_id=request.request_id or f"grpc-{uuid.uuid4().hex[:16]}",
-        prompt={"prompt": text, "prompt_token_ids": prompt_ids},
-        params=checked.params,
-        priority=checked.priority,
-        tenant_id=ctx.tenant_id or DEFAULT_TENANT,
-        workflow_id=ctx.workflow_id,
-        task_id=ctx.task_id,
-        has_api_key=bool(ctx.api_key),
-    )
+    return EngineRequest(req_id=request.request_id or f"grpc-{uuid.uuid4().hex[:16]}",
+                         prompt={"prompt": text, "prompt_token_ids": prompt_ids}, params=checked.params,
+                         priority=checked.priority)
 
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -128,10 +135,10 @@ def field_path(engine_message: str) -> str:
     return f"sampling.{engine_message}" if name in _SAMPLING_FIELDS else engine_message
 
 
-def usage(out: RequestOutput) -> pb.Usage:
+def usage(out: RequestOutput, cost_usd: float = 0.0) -> pb.Usage:
     num_prompt, num_completion = len(out.prompt_token_ids), len(out.token_ids)
     return pb.Usage(prompt_tokens=num_prompt, completion_tokens=num_completion, cached_tokens=out.num_cached_tokens,
-                    total_tokens=num_prompt + num_completion)
+                    total_tokens=num_prompt + num_completion, cost_usd=cost_usd)
 
 
 def token_logprobs(entries: list[list[tuple[int, float]]], tokenizer) -> list[pb.TokenLogprob]:
@@ -155,15 +162,16 @@ def _stop_reason(out: RequestOutput) -> dict:
     return {}
 
 
-def response(out: RequestOutput, model: str, tokenizer) -> pb.GenerateResponse:
+def response(out: RequestOutput, model: str, tokenizer, cost_usd: float = 0.0) -> pb.GenerateResponse:
     """The unary answer from a request's final output."""
     return pb.GenerateResponse(
         request_id=out.req_id, model=model, text=out.text, token_ids=out.token_ids,
-        finish_reason=_FINISH_REASONS.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED), usage=usage(out),
+        finish_reason=_FINISH_REASONS.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        usage=usage(out, cost_usd),
         logprobs=token_logprobs(out.logprobs, tokenizer) if out.logprobs else [], **_stop_reason(out))
 
 
-def chunk(out: RequestOutput, model: str, tokenizer) -> pb.GenerateStreamResponse:
+def chunk(out: RequestOutput, model: str, tokenizer, cost_usd: float = 0.0) -> pb.GenerateStreamResponse:
     """One stream chunk from an incremental output; the finished output also carries finish reason and usage."""
     delta_logprobs = []
     if out.logprobs and out.delta_token_ids:
@@ -172,7 +180,7 @@ def chunk(out: RequestOutput, model: str, tokenizer) -> pb.GenerateStreamRespons
                                     token_ids=out.delta_token_ids, logprobs=delta_logprobs)
     if out.finished:
         msg.finish_reason = _FINISH_REASONS.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
-        msg.usage.CopyFrom(usage(out))
+        msg.usage.CopyFrom(usage(out, cost_usd))
         for name, value in _stop_reason(out).items():
             setattr(msg, name, value)
     return msg

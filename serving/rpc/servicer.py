@@ -8,13 +8,20 @@ frees its KV blocks at the next step boundary.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import time
 from contextlib import aclosing
+from dataclasses import dataclass
 
 import grpc
 
 from scheduler import QueueFullError
+from serving.control.admission import Admission
+from serving.control.context import RequestContext
+from serving.control.errors import ControlError
+from serving.control.ledger import LedgerUnavailable
 from serving.engine.async_engine import EngineDeadError
 from serving.engine.outputs import RequestOutput
 from serving.rpc import convert
@@ -44,34 +51,68 @@ class StateHolder:
         return state
 
 
+@dataclass(slots=True)
+class _Call:
+    """One admitted Generate / GenerateStream call."""
+
+    req: convert.EngineRequest  # what goes to the engine
+    ctx: RequestContext  # who asked
+    admission: Admission  # its reservations; settles the cost
+
+
+async def _abort_control(context, e: ControlError) -> None:
+    trailers = (("retry-after-ms", str(max(1, math.ceil(1000 * e.retry_after_s)))),) if e.retry_after_s else ()
+    await context.abort(e.grpc_status, e.message, trailing_metadata=trailers)
+
+
+async def _authenticate(state: ServerState, request_context: pb.RequestContext, context) -> RequestContext:
+    try:
+        return await state.control.authenticate(convert.caller(request_context, context.invocation_metadata()))
+    except ValueError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except ControlError as e:
+        await _abort_control(context, e)
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, holder: StateHolder) -> None:
         self.holder = holder
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        state, req = await self._prepare(request, context)
-        final = None
-        async with _StatusMapper(context, req, state):
-            async with aclosing(self._generate(state, req)) as outputs:
-                async for out in outputs:
-                    final = out
-            self._check_failed(final)
-        _log_finished(req, final)
-        return convert.response(final, state.model_name, state.tokenizers.loop_tokenizer)
+        state, call = await self._prepare(request, context)
+        final = settlement = None
+        try:
+            async with _StatusMapper(context, call.req, state):
+                async with aclosing(self._generate(state, call)) as outputs:
+                    async for out in outputs:
+                        final = out
+                self._check_failed(final)
+                settlement = await call.admission.settled()
+        finally:
+            call.admission.close()
+        _log_finished(call, final, settlement)
+        return convert.response(final, state.model_name, state.tokenizers.loop_tokenizer, settlement.cost_usd)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> None:
         # NOTE: a coroutine that writes, not an async generator: a cancelled call then raises CancelledError right
         # here, and `aclosing` closes the engine stream at once instead of whenever the generator is collected.
-        state, req = await self._prepare(request, context)
-        final = None
-        async with _StatusMapper(context, req, state):
-            async with aclosing(self._generate(state, req)) as outputs:
-                async for out in outputs:
-                    final = out
-                    if out.finished:
-                        self._check_failed(out)
-                    await context.write(convert.chunk(out, state.model_name, state.tokenizers.loop_tokenizer))
-        _log_finished(req, final)
+        state, call = await self._prepare(request, context)
+        final = settlement = None
+        try:
+            async with _StatusMapper(context, call.req, state):
+                async with aclosing(self._generate(state, call)) as outputs:
+                    async for out in outputs:
+                        final = out
+                        cost = 0.0
+                        if out.finished:
+                            self._check_failed(out)
+                            settlement = await call.admission.settled()  # the row is committed before the end
+                            cost = settlement.cost_usd
+                        await context.write(convert.chunk(out, state.model_name, state.tokenizers.loop_tokenizer,
+                                                          cost))
+        finally:
+            call.admission.close()
+        _log_finished(call, final, settlement)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         state = await self.holder.serving_state(context)
@@ -79,14 +120,42 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.ListModelsResponse(models=[pb.ModelInfo(id=state.model_name, max_model_len=state.max_model_len,
                                                           path=path)])
 
-    # -- helpers ----------------------------------------------------------------------------------------
-    async def _prepare(self, request: pb.GenerateRequest, context):
+    async def ReportOutcome(self, request: pb.ReportOutcomeRequest, context) -> pb.ReportOutcomeResponse:
         state = await self.holder.serving_state(context)
+        ctx = await _authenticate(state, request.context, context)
+        quality = request.quality if request.HasField("quality") else None
+        try:
+            await state.control.report_outcome(ctx, request.task_id, request.workflow_id or None, request.outcome,
+                                               quality)
+        except ControlError as e:
+            await _abort_control(context, e)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.ReportOutcomeResponse()
+
+    async def ReportToolCalls(self, request: pb.ReportToolCallsRequest, context) -> pb.TaskStatus:
+        state = await self.holder.serving_state(context)
+        ctx = await _authenticate(state, request.context, context)
+        try:
+            task = await state.control.report_tool_calls(ctx, request.task_id, request.count or 1)
+        except ControlError as e:
+            await _abort_control(context, e)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.TaskStatus(task_id=request.task_id, calls=task.calls, tool_calls=task.tool_calls)
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    async def _prepare(self, request: pb.GenerateRequest, context) -> tuple[ServerState, _Call]:
+        state = await self.holder.serving_state(context)
+        ctx = await _authenticate(state, request.context, context)
         if request.model and request.model != state.model_name:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"model {request.model!r} is not served here; available: {state.model_name!r}")
         try:
+            state.control.check_model(ctx, state.model_name)
             checked = convert.check_request(request, state.limits)
+        except ControlError as e:
+            await _abort_control(context, e)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
@@ -97,15 +166,25 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry after {state.retry_after_ms} ms",
                                 trailing_metadata=(("retry-after-ms", str(state.retry_after_ms)),))
         req = convert.engine_request(checked, prompt_ids)
-        logger.debug("request %s: tenant=%s workflow=%s task=%s priority=%s api_key=%s", req.req_id, req.tenant_id,
-                     req.workflow_id or "-", req.task_id or "-", req.priority.name.lower(),
-                     "set" if req.has_api_key else "none")
-        return state, req
+        try:
+            admission = await state.control.admit(ctx, req.req_id, state.model_name, len(prompt_ids),
+                                                  req.params.max_tokens)
+        except ControlError as e:
+            await _abort_control(context, e)
+        if admission.max_tokens < req.params.max_tokens:  # a soft budget's fallback
+            req.params = dataclasses.replace(req.params, max_tokens=admission.max_tokens,
+                                             min_tokens=min(req.params.min_tokens, admission.max_tokens))
+        logger.debug("request %s: tenant=%s key=%s workflow=%s task=%s priority=%s", req.req_id, ctx.tenant,
+                     ctx.key_id or "-", ctx.workflow_id or "-", ctx.task_id or "-", req.priority.name.lower())
+        return state, _Call(req, ctx, admission)
 
     @staticmethod
-    def _generate(state: ServerState, req: convert.EngineRequest):
+    def _generate(state: ServerState, call: _Call):
+        req, admission = call.req, call.admission
+        # NOTE: the admission expects the engine request when the stream starts, and hears once how it ended.
         return state.async_llm.generate(req.prompt, req.params, req_id=req.req_id, priority=req.priority,
-                                        tenant_id=req.tenant_id)
+                                        tenant_id=call.ctx.tenant, busy_s_cap=admission.busy_s_cap,
+                                        on_done=admission.expect())
 
     @staticmethod
     def _check_failed(out: RequestOutput) -> None:
@@ -128,13 +207,15 @@ async def _tokenize(state: ServerState, checked: convert.CheckedRequest) -> list
         raise ValueError(f"chat.{e}") from None
 
 
-def _log_finished(req: convert.EngineRequest, out: RequestOutput | None) -> None:
+def _log_finished(call: _Call, out: RequestOutput | None, settlement) -> None:
     if out is None:
         return
     latency = time.monotonic() - out.metrics.arrival_time if out.metrics else 0.0
-    logger.info("request %s done: tenant=%s workflow=%s task=%s prompt=%d cached=%d completion=%d finish=%s %.2fs",
-                req.req_id, req.tenant_id, req.workflow_id or "-", req.task_id or "-", len(out.prompt_token_ids),
-                out.num_cached_tokens, len(out.token_ids), out.finish_reason, latency)
+    ctx = call.ctx
+    logger.info("request %s done: tenant=%s workflow=%s task=%s prompt=%d cached=%d completion=%d finish=%s %.2fs "
+                "$%.6f", call.req.req_id, ctx.tenant, ctx.workflow_id or "-", ctx.task_id or "-",
+                len(out.prompt_token_ids), out.num_cached_tokens, len(out.token_ids), out.finish_reason, latency,
+                settlement.cost_usd if settlement else 0.0)
 
 
 class _EngineFailure(Exception):
@@ -166,6 +247,8 @@ class _StatusMapper:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, convert.field_path(str(exc)))
         if isinstance(exc, EngineDeadError):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine has stopped: {exc}")
+        if isinstance(exc, LedgerUnavailable):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         if isinstance(exc, _EngineFailure):
             logger.error("request %s failed in the engine: %s", req_id, exc)
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))

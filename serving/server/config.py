@@ -13,6 +13,7 @@ from typing import Any, Callable
 import yaml
 
 from serving.config import EngineConfig, WatchdogConfig
+from serving.control.config import ControlConfig, control_config
 from serving.limits import RequestLimits
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -39,6 +40,7 @@ class ServeConfig:
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields (validated), without `model`
     limits: RequestLimits = field(default_factory=RequestLimits)  # what one request may ask for
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # when the engine is declared dead
+    control: ControlConfig = field(default_factory=ControlConfig)  # keys, budgets, prices, the ledger
 
     def engine_config(self) -> EngineConfig:
         kwargs = {"max_waiting": DEFAULT_MAX_WAITING, **self.engine}
@@ -171,7 +173,7 @@ def config_from_dict(raw: dict, overrides: dict | None = None) -> ServeConfig:
     """Validates a parsed YAML mapping, then applies overrides (command-line flags; None means not given)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"the configuration must be a mapping of keys to values, got {type(raw).__name__}")
-    _check_keys(raw, {**_TOP_LEVEL, "engine": None, **_SECTIONS}, "")
+    _check_keys(raw, {**_TOP_LEVEL, "engine": None, **_SECTIONS, "control": None}, "")
     values = {key: _TOP_LEVEL[key](key, value) for key, value in raw.items() if key in _TOP_LEVEL}
     for name, (checks, cls) in _SECTIONS.items():
         section = raw.get(name) or {}
@@ -183,6 +185,10 @@ def config_from_dict(raw: dict, overrides: dict | None = None) -> ServeConfig:
             values[name] = cls(**kwargs)
         except ValueError as e:  # the dataclass's own cross-field checks name the field
             raise ConfigError(f"{name}.{e}") from e
+    try:
+        values["control"] = control_config(raw.get("control"))
+    except ValueError as e:  # pydantic's error, already naming the key
+        raise ConfigError(str(e)) from None
     engine = raw.get("engine") or {}
     if not isinstance(engine, dict):
         raise ConfigError(f"engine must be a mapping of engine settings, got {engine!r}")

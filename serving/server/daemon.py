@@ -31,6 +31,7 @@ ENGINE_CHECK_INTERVAL_S = 0.1
 
 def build_state(config: ServeConfig) -> ServerState:
     """Loads the model and starts the engine thread (blocking: seconds to minutes)."""
+    from serving.control.plane import ControlPlane
     from serving.engine.async_engine import AsyncLLM
     from serving.engine.faults import ENV_VAR, FaultInjector
     from serving.engine.llm_engine import LLMEngine
@@ -43,9 +44,15 @@ def build_state(config: ServeConfig) -> ServerState:
                        os.environ[ENV_VAR])
     path = pathlib.Path(engine.loaded.path)
     name = config.served_model_name or (path.stem if path.is_file() else path.name)
+    accounting = engine.accounting
+    control = ControlPlane.open(config.control, name, solo_s_per_token=lambda: accounting.solo_s_per_token,
+                                busy_s=lambda: accounting.totals.step_time_s)
+    logger.info("control plane: auth %s, ledger %s, counters %s, %d budgets", config.control.auth,
+                control.db.url.render_as_string(hide_password=True),
+                "redis" if config.control.redis_url else "in process", len(config.control.budgets))
     return ServerState(async_llm=AsyncLLM(engine=engine), tokenizers=TokenizerPool(engine.tokenizer,
                                                                                    config.tokenizer_workers),
-                       model_name=name, max_model_len=engine.max_model_len, limits=config.limits,
+                       control=control, model_name=name, max_model_len=engine.max_model_len, limits=config.limits,
                        retry_after_ms=config.retry_after_ms)
 
 
@@ -143,6 +150,7 @@ class Daemon:
             self.watchdog = Watchdog(self.state.async_llm, config.watchdog).start()
             if not self.stop_requested.is_set():
                 await warm_up(self.state)
+                self.state.control.start()
                 self.grpc.holder.state = self.state
                 http = _make_http(self.state, config)
                 if http is not None:
@@ -215,6 +223,7 @@ class Daemon:
         if self.state is not None:
             await asyncio.to_thread(self.state.async_llm.shutdown)
             self.state.tokenizers.close()
+            await self.state.control.close()  # settles what is left and commits the ledger's last rows
 
 
 def run(config: ServeConfig) -> int:

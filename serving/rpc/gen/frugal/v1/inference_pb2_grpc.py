@@ -49,6 +49,16 @@ class InferenceServiceStub:
                 request_serializer=frugal_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=frugal_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ReportOutcome = channel.unary_unary(
+                '/frugal.v1.InferenceService/ReportOutcome',
+                request_serializer=frugal_dot_v1_dot_inference__pb2.ReportOutcomeRequest.SerializeToString,
+                response_deserializer=frugal_dot_v1_dot_inference__pb2.ReportOutcomeResponse.FromString,
+                _registered_method=True)
+        self.ReportToolCalls = channel.unary_unary(
+                '/frugal.v1.InferenceService/ReportToolCalls',
+                request_serializer=frugal_dot_v1_dot_inference__pb2.ReportToolCallsRequest.SerializeToString,
+                response_deserializer=frugal_dot_v1_dot_inference__pb2.TaskStatus.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -75,6 +85,20 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportOutcome(self, request, context):
+        """The business outcome of an agent task (a resolved ticket, a reviewed document): cost per outcome.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportToolCalls(self, request, context):
+        """Tool calls an agent task is about to make, counted against its budget; RESOURCE_EXHAUSTED past it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +116,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=frugal_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=frugal_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ReportOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportOutcome,
+                    request_deserializer=frugal_dot_v1_dot_inference__pb2.ReportOutcomeRequest.FromString,
+                    response_serializer=frugal_dot_v1_dot_inference__pb2.ReportOutcomeResponse.SerializeToString,
+            ),
+            'ReportToolCalls': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportToolCalls,
+                    request_deserializer=frugal_dot_v1_dot_inference__pb2.ReportToolCallsRequest.FromString,
+                    response_serializer=frugal_dot_v1_dot_inference__pb2.TaskStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +209,60 @@ class InferenceService:
             '/frugal.v1.InferenceService/ListModels',
             frugal_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             frugal_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/frugal.v1.InferenceService/ReportOutcome',
+            frugal_dot_v1_dot_inference__pb2.ReportOutcomeRequest.SerializeToString,
+            frugal_dot_v1_dot_inference__pb2.ReportOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportToolCalls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/frugal.v1.InferenceService/ReportToolCalls',
+            frugal_dot_v1_dot_inference__pb2.ReportToolCallsRequest.SerializeToString,
+            frugal_dot_v1_dot_inference__pb2.TaskStatus.FromString,
             options,
             channel_credentials,
             insecure,
