@@ -6,6 +6,8 @@ import logging
 import sys
 import time
 
+from serving.cli_control import add_keys, add_report, cmd_keys, cmd_report
+
 SAMPLE_PROMPTS = [
     "What is the capital of France?",
     "Give me three tips for writing clear emails.",
@@ -136,11 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_serve(sub)
     _add_chat(sub)
     _add_quantize(sub)
+    add_keys(sub)
+    add_report(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import serving  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 
-    commands = {"generate": cmd_generate, "serve": cmd_serve, "chat": cmd_chat, "quantize": cmd_quantize}
+    commands = {"generate": cmd_generate, "serve": cmd_serve, "chat": cmd_chat, "quantize": cmd_quantize,
+                "keys": cmd_keys, "report": cmd_report}
     return commands[args.command](args)
 
 

@@ -45,8 +45,8 @@ def make_llm(loaded_model):
 
 @pytest.fixture(scope="session")
 def redis_url():
-    """A real redis-server for the session (tests/services.py)."""
-    from services import redis_server
+    """A real redis-server for the session (benchmarks/services.py)."""
+    from benchmarks.services import redis_server
 
     with redis_server() as url:
         yield url
@@ -54,8 +54,8 @@ def redis_url():
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    """A real PostgreSQL cluster for the session (tests/services.py)."""
-    from services import postgres_server
+    """A real PostgreSQL cluster for the session (benchmarks/services.py)."""
+    from benchmarks.services import postgres_server
 
     with postgres_server() as url:
         yield url

@@ -49,13 +49,18 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "DaemonProcess":
+        self.launch()
+        self.wait_serving()
+        return self
+
+    def launch(self) -> "DaemonProcess":
+        """Starts the process without waiting for it (several daemons load their models side by side)."""
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
                **self.extra_env}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config",
                                           str(self.config_path)], cwd=REPO_ROOT, env=env, stdout=log,
                                          stderr=subprocess.STDOUT)
-        self.wait_serving()
         return self
 
     def log_tail(self, num_chars: int = 4000) -> str:
@@ -79,6 +84,11 @@ class DaemonProcess:
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"daemon not SERVING after {START_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no flush, as a crash."""
+        self.proc.kill()
+        self.proc.wait(timeout=30)
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

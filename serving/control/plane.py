@@ -61,7 +61,10 @@ class ControlPlane:
             from serving.control.budgets_redis import RedisBudgets
 
             self.limiter = RedisLimiter(redis_client)
-            self.budgets = RedisBudgets(redis_client, seed_line, config.reservation_ttl_s)
+            # NOTE: an expired reservation is checked against the ledger one more TTL later: by then a replica
+            # that was only slow has settled it itself.
+            self.budgets = RedisBudgets(redis_client, seed_line, config.reservation_ttl_s,
+                                        grace_s=config.reservation_ttl_s)
             self.tasks = RedisTasks(redis_client, config.tasks, seed_task)
         self._background: set[asyncio.Task] = set()
         self._workers: list[asyncio.Task] = []
@@ -261,7 +264,7 @@ class ControlPlane:
     async def _reconcile(self) -> None:
         find = self._in_thread(queries.costs_of)
         while True:
-            await asyncio.sleep(RECONCILE_INTERVAL_S)
+            await asyncio.sleep(min(RECONCILE_INTERVAL_S, self.config.reservation_ttl_s))
             try:
                 counted = await self.budgets.reconcile(find)
                 if counted:

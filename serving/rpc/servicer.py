@@ -273,4 +273,5 @@ class DebugServicer(pb_grpc.DebugServiceServicer):
             prefix_cache_hits=s.prefix_cache_hits, prefix_cache_hit_rate=s.prefix_cache_hit_rate,
             num_preemptions=s.num_preemptions, num_steps=s.num_steps, ready=state.ready, draining=state.draining,
             num_failed_steps=s.steps.num_failed_steps, num_failed_requests=s.steps.num_failed_requests,
-            num_streams=state.async_llm.num_streams, healthy=health.healthy, unhealthy_reason=health.reason or "")
+            num_streams=state.async_llm.num_streams, healthy=health.healthy, unhealthy_reason=health.reason or "",
+            busy_s=s.steps.step_time_s)

@@ -252,7 +252,7 @@ class GetEngineStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineStats(_message.Message):
-    __slots__ = ("num_total_blocks", "num_free_blocks", "num_running", "num_waiting", "num_unfinished", "max_waiting", "kv_cache_usage", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate", "num_preemptions", "num_steps", "ready", "draining", "num_failed_steps", "num_failed_requests", "num_streams", "healthy", "unhealthy_reason")
+    __slots__ = ("num_total_blocks", "num_free_blocks", "num_running", "num_waiting", "num_unfinished", "max_waiting", "kv_cache_usage", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate", "num_preemptions", "num_steps", "ready", "draining", "num_failed_steps", "num_failed_requests", "num_streams", "healthy", "unhealthy_reason", "busy_s")
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +272,7 @@ class EngineStats(_message.Message):
     NUM_STREAMS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     UNHEALTHY_REASON_FIELD_NUMBER: _ClassVar[int]
+    BUSY_S_FIELD_NUMBER: _ClassVar[int]
     num_total_blocks: int
     num_free_blocks: int
     num_running: int
@@ -291,4 +292,5 @@ class EngineStats(_message.Message):
     num_streams: int
     healthy: bool
     unhealthy_reason: str
-    def __init__(self, num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_unfinished: _Optional[int] = ..., max_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., num_failed_steps: _Optional[int] = ..., num_failed_requests: _Optional[int] = ..., num_streams: _Optional[int] = ..., healthy: _Optional[bool] = ..., unhealthy_reason: _Optional[str] = ...) -> None: ...
+    busy_s: float
+    def __init__(self, num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_unfinished: _Optional[int] = ..., max_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., num_failed_steps: _Optional[int] = ..., num_failed_requests: _Optional[int] = ..., num_streams: _Optional[int] = ..., healthy: _Optional[bool] = ..., unhealthy_reason: _Optional[str] = ..., busy_s: _Optional[float] = ...) -> None: ...

@@ -1,4 +1,4 @@
-"""Real Redis and PostgreSQL servers for the tests, on free loopback ports, started and stopped here.
+"""Real Redis and PostgreSQL servers for the tests and the control-plane benchmark, on free loopback ports.
 
 `make test` installs the Debian packages (redis-server, postgresql); a missing binary is a test failure, not a
 skip. PostgreSQL refuses to run as root, so as root its cluster belongs to the `postgres` user.
