@@ -22,12 +22,9 @@ _AMOUNT = "local u, k = string.match(amounts, '([^ ]+) ([^ ]+)')\n"
 # KEYS: per line: line, reservations, expiries, expired. ARGV: id, ttl, usd, tokens, then per line: usd limit (-1:
 # none), token limit (-1: none), hard (1/0), expire-at (UNIX s, 0: never).
 # Returns {-1, i}: line i needs seeding; {1, i, su, st, ru, rt}: hard line i refused; {0, soft lines over...}.
-_RESERVE = _NOW + """
-local id, ttl, usd, tok = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local n = #KEYS / 4
-for i = 0, n - 1 do
-  local line, resv, resx, expired = KEYS[4*i+1], KEYS[4*i+2], KEYS[4*i+3], KEYS[4*i+4]
-  if redis.call('HEXISTS', line, 'seeded') == 0 then return {-1, i + 1} end
+# Moves the expired reservations of line i out of `reserved` into its `expired` hash.
+_SWEEP_LINE = """
+local function sweep(line, resv, resx, expired)
   for _, gone in ipairs(redis.call('ZRANGEBYSCORE', resx, '-inf', now)) do
     local amounts = redis.call('HGET', resv, gone)
     if amounts then
@@ -39,6 +36,15 @@ for i = 0, n - 1 do
     end
     redis.call('ZREM', resx, gone)
   end
+end
+"""
+
+_RESERVE = _NOW + _SWEEP_LINE + """
+local id, ttl, usd, tok = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = #KEYS / 4
+for i = 0, n - 1 do
+  if redis.call('HEXISTS', KEYS[4*i+1], 'seeded') == 0 then return {-1, i + 1} end
+  sweep(KEYS[4*i+1], KEYS[4*i+2], KEYS[4*i+3], KEYS[4*i+4])
 end
 local over = {0}
 for i = 0, n - 1 do
@@ -96,6 +102,12 @@ end
 return 0
 """
 
+# KEYS: line, reservations, expiries, expired. Sweeps one line (the reconciler: no new request may come to it).
+_SWEEP = _NOW + _SWEEP_LINE + """
+sweep(KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return 0
+"""
+
 # KEYS: line, expired. ARGV: id, usd, tokens (the ledger's row for it; -1: no row, drop it). Counts it once.
 _RECONCILE = """
 if redis.call('HDEL', KEYS[2], ARGV[1]) == 1 and tonumber(ARGV[2]) >= 0 then
@@ -124,6 +136,7 @@ class RedisBudgets:
         self._settle = client.register_script(_SETTLE)
         self._seed = client.register_script(_SEED)
         self._reconcile = client.register_script(_RECONCILE)
+        self._sweep = client.register_script(_SWEEP)
 
     @staticmethod
     def _keys(lines: list[BudgetLine]) -> list[str]:
@@ -176,6 +189,10 @@ class RedisBudgets:
         count = 0
         for line_key in await self.client.smembers(_LINES):
             base = _PREFIX + line_key
+            if not await self.client.exists(base):  # its period is long over and Redis dropped it
+                await self.client.srem(_LINES, line_key)
+                continue
+            await self._sweep(keys=[base, base + ":resv", base + ":resx", base + ":expired"])
             expired = await self.client.hgetall(base + ":expired")
             old = [res_id for res_id, value in expired.items() if float(value.split(" ")[0]) < now - self.grace_s]
             if not old:
