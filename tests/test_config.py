@@ -75,6 +75,20 @@ def test_file_values_and_cli_overrides(tmp_path):
     ({"watchdog": {"max_consecutive_failed_steps": 0}}, "watchdog.max_consecutive_failed_steps must be an integer"),
     ({"watchdog": {"exit_after": 1}}, "unknown key watchdog.exit_after"),
     ({"tokenizer_workers": 0}, "tokenizer_workers must be an integer in [1, 64]"),
+    ({"control": {"auth": "maybe"}}, "control.auth: Input should be 'none' or 'keys'"),
+    ({"control": {"budgets": [{"scope": "tenant", "id": "a"}]}}, "control.budgets[0]: a budget needs usd, tokens"),
+    ({"control": {"budgets": [{"scope": "team", "id": "a", "usd": 1}]}}, "control.budgets[0].scope"),
+    ({"control": {"budgets": [{"scope": "tenant", "id": "a", "usd": -1}]}}, "control.budgets[0].usd"),
+    ({"control": {"budgets": [{"scope": "tenant", "id": "a", "usd": 1, "perod": "day"}]}},
+     "control.budgets[0].perod: Extra inputs are not permitted"),
+    ({"control": {"budgets": [{"scope": "tenant", "id": "a", "usd": 1, "fallback": {"max_tokens": 8}}]}},
+     "fallback applies to soft budgets only"),
+    ({"control": {"budgets": [{"scope": "tenant", "id": "a", "usd": 1}, {"scope": "tenant", "id": "a", "tokens": 5}]}},
+     "two budgets for tenant 'a' over the same period"),
+    ({"control": {"pricing": {"models": {"m": {"usd_per_hour": 1, "usd_per_m_input": 1}}}}},
+     "control.pricing.models.m: give usd_per_hour or the usd_per_m_* token prices"),
+    ({"control": {"tasks": {"max_calls": 0}}}, "control.tasks.max_calls"),
+    ({"control": {"redis": "localhost"}}, "control.redis: Extra inputs are not permitted"),
 ])
 def test_errors_name_the_key(raw, message):
     with pytest.raises(ConfigError) as err:

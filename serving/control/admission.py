@@ -62,6 +62,7 @@ class Admission:
     _done: list[tuple[int, "EngineDone"]] = field(default_factory=list)  # (choice index, how it ended)
     _closed: bool = False
     _task: asyncio.Task | None = None
+    _committed: asyncio.Future | None = None  # the Settlement, once its ledger row is committed
 
     def expect(self, index: int = 0) -> "OnDone":
         """The callback for engine request `index` (prompt index * n + choice); call once per submission."""
@@ -80,9 +81,9 @@ class Admission:
         """Closes the admission and waits for its settlement (its ledger row committed). Raises LedgerUnavailable
         when the row could not be committed: the response must not be sent then."""
         self.close()
-        while self._task is None:  # the last engine request's callback is already on its way to the loop
+        while self._committed is None:  # the last engine request's callback is already on its way to the loop
             await asyncio.sleep(0)
-        return await asyncio.shield(self._task)
+        return await asyncio.shield(self._committed)
 
     def _one_done(self, index: int, done: "EngineDone") -> None:
         self._done.append((index, done))
@@ -90,6 +91,7 @@ class Admission:
 
     def _maybe_settle(self) -> None:
         if self._closed and self._task is None and len(self._done) >= self._expected:
+            self._committed = self._loop.create_future()
             self._task = asyncio.ensure_future(self._settle())
             self.plane.track(self._task)
 
@@ -97,8 +99,9 @@ class Admission:
         plane, ctx = self.plane, self.ctx
         accepted = [(i, d) for i, d in self._done if d.accepted]
         if not accepted:
+            self._committed.set_result(Settlement("refused", 0.0, 0, 0, 0, 0.0))
             await plane.release(self)
-            return Settlement("refused", 0.0, 0, 0, 0, 0.0)
+            return self._committed.result()
         outputs = [(i, d.output) for i, d in accepted if d.output is not None]
         completion = sum(len(o.token_ids) for _, o in outputs)
         n = self.num_choices_per_prompt
@@ -123,7 +126,12 @@ class Admission:
         settlement = Settlement(status, cost, self.prompt_tokens, completion, cached, busy_s)
         try:
             await plane.ledger.commit_request(row)
-        finally:
-            # The cost happened whether or not its row is in yet (a failed commit stays queued): count it.
-            await plane.settle(self, Amount(cost, self.prompt_tokens + completion))
+        except BaseException as e:
+            self._committed.set_exception(e)
+        else:
+            # NOTE: the answer may go out now; the budget settles right after. Until it does, the reservation
+            # (the worst case) still holds the amount, so settling late can never let a budget be overspent.
+            self._committed.set_result(settlement)
+        # The cost happened whether or not its row is in yet (a failed commit stays queued): count it.
+        await plane.settle(self, Amount(cost, self.prompt_tokens + completion))
         return settlement

@@ -50,3 +50,10 @@ class BudgetExceeded(ControlError):
 
 class TaskNotFound(ControlError):
     http_status, code, error_type, grpc_status = 404, "task_not_found", "not_found_error", grpc.StatusCode.NOT_FOUND
+
+
+class ControlUnavailable(ControlError):
+    """The store behind budgets and limits (Redis) did not answer; the request was not admitted."""
+
+    http_status, code, error_type, grpc_status = 503, "control_unavailable", "service_unavailable_error", \
+        grpc.StatusCode.UNAVAILABLE

@@ -24,7 +24,7 @@ from serving.control.budgets import Amount, BudgetLine, LocalBudgets, lines_for
 from serving.control.config import BudgetConfig, ControlConfig
 from serving.control.context import DEFAULT_TENANT, Caller, RequestContext
 from serving.control.cost import CostModel
-from serving.control.errors import ModelNotAllowed, TaskNotFound
+from serving.control.errors import ControlError, ControlUnavailable, ModelNotAllowed, TaskNotFound
 from serving.control.keys import KeyStore
 from serving.control.ledger import Ledger
 from serving.control.ratelimit import Charge, LocalLimiter, RedisLimiter
@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 OUTCOMES = ("resolved", "escalated", "failed")
 ENGINE_TIME_INTERVAL_S = 60.0  # how often the accelerator's busy and idle time go to the ledger
 RECONCILE_INTERVAL_S = 30.0  # how often expired reservations are checked against the ledger (Redis only)
+
+
+async def _nothing() -> None:
+    return None
 
 
 class ControlPlane:
@@ -83,7 +87,10 @@ class ControlPlane:
         if config.redis_url:
             import redis.asyncio as aioredis
 
-            redis_client = aioredis.from_url(config.redis_url, decode_responses=True)
+            # NOTE: a blocking pool: a burst past the pool's size waits for a connection instead of failing.
+            pool = aioredis.BlockingConnectionPool.from_url(config.redis_url, max_connections=64, timeout=10,
+                                                            decode_responses=True)
+            redis_client = aioredis.Redis(connection_pool=pool)
         return cls(config, model_name, db, redis_client, **kwargs)
 
     def _in_thread(self, query):
@@ -177,23 +184,34 @@ class ControlPlane:
         num_output = max_tokens * num_engine
         num_tokens = prompt_tokens * num_choices_per_prompt + num_output
         charges = self._charges(ctx, num_tokens)
-        await self.limiter.take(charges)
-        counted_call = False
-        try:
-            if ctx.task_id is not None:
-                await self.tasks.admit_call(ctx.tenant, ctx.task_id)
-                counted_call = True
-            lines = self._lines(ctx)
-            cost = self.cost_model(model)
-            need = Amount(cost.worst_case(num_tokens, num_output, self.solo_s_per_token()), num_tokens)
-            admission = Admission(self, ctx, request_id, model, f"self-hosted:{model}", prompt_tokens,
-                                  num_choices_per_prompt, max_tokens, lines, need, charges, None, [])
-            over = await self.budgets.reserve(lines, admission.admission_id, need)
-        except BaseException:
-            await self.limiter.give_back(charges)
-            if counted_call:
-                await self.tasks.undo_call(ctx.tenant, ctx.task_id)
-            raise
+        lines = self._lines(ctx)
+        cost = self.cost_model(model)
+        need = Amount(cost.worst_case(num_tokens, num_output, self.solo_s_per_token()), num_tokens)
+        admission = Admission(self, ctx, request_id, model, f"self-hosted:{model}", prompt_tokens,
+                              num_choices_per_prompt, max_tokens, lines, need, charges, None, [])
+        # NOTE: the three checks run at once (with Redis: one round trip instead of three); each is atomic on
+        # its own, and whichever took something is given back when another refuses.
+        limit, call, over = await asyncio.gather(
+            self.limiter.take(charges),
+            self.tasks.admit_call(ctx.tenant, ctx.task_id) if ctx.task_id is not None else _nothing(),
+            self.budgets.reserve(lines, admission.admission_id, need),
+            return_exceptions=True)
+        failures = [r for r in (limit, call, over) if isinstance(r, BaseException)]
+        if failures:
+            undo = []
+            if not isinstance(limit, BaseException):
+                undo.append(self.limiter.give_back(charges))
+            if ctx.task_id is not None and not isinstance(call, BaseException):
+                undo.append(self.tasks.undo_call(ctx.tenant, ctx.task_id))
+            if not isinstance(over, BaseException):
+                undo.append(self.budgets.release(lines, admission.admission_id))
+            await asyncio.gather(*undo, return_exceptions=True)
+            first = failures[0]  # in this order: rate limit, agent task, budget
+            if not isinstance(first, ControlError):  # the shared store is down or slow: not the caller's fault
+                logger.error("admission of %s failed: %s: %s", request_id, type(first).__name__, first)
+                raise ControlUnavailable(f"the control plane's store is unavailable ({type(first).__name__}); "
+                                         "retry shortly", retry_after_s=1.0) from first
+            raise first
         if any(line.config.mode == "hard" and line.config.usd is not None for line in lines):
             cap = cost.busy_cap_s(need.usd / num_engine)
             admission.busy_s_cap = cap

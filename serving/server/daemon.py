@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import pathlib
@@ -150,6 +151,10 @@ class Daemon:
             self.watchdog = Watchdog(self.state.async_llm, config.watchdog).start()
             if not self.stop_requested.is_set():
                 await warm_up(self.state)
+                # NOTE: what exists now (the model, the tokenizers, the libraries) lives as long as the process:
+                # frozen out of the collector, a full collection no longer walks it and stalls every request.
+                gc.collect()
+                gc.freeze()
                 self.state.control.start()
                 self.grpc.holder.state = self.state
                 http = _make_http(self.state, config)

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 EXAMPLES = 50  # per operation and mode; each example is one real request
 # (method, path, modes): any string is a valid model name, so that path has no negative cases
-BATCHES = [(method, path, mode) for method, path in (("POST", "/v1/chat/completions"), ("POST", "/v1/completions"))
+BATCHES = [(method, path, mode) for method, path in (("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+                                                     ("POST", "/v1/outcomes"), ("POST", "/v1/tasks/{task_id}/tool_calls"))
            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
 BATCHES.append(("GET", "/v1/models/{model}", GenerationMode.POSITIVE))
 
