@@ -182,6 +182,11 @@ def test_a_hard_budget_holds_under_200_concurrent_requests(daemon):
     responses = asyncio.run(_race(f"http://127.0.0.1:{daemon.http_port}", key, 200))
     rows = ledger_rows(daemon, tenant="race")
     check_race(responses, sum(r.prompt_tokens + r.completion_tokens for r in rows))
+    with pytest.raises(grpc.RpcError) as err:  # the budget is spent for gRPC callers too
+        grpc_call(daemon, key, pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=RACE_PROMPT),
+                                                  sampling=pb.SamplingParams(max_tokens=RACE_MAX_TOKENS)))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.value.details().startswith("budget_exceeded: tenant 'race'")
 
 
 def test_agent_task_budgets_outcomes_and_the_report(daemon):
