@@ -144,7 +144,7 @@ def _check_race(results, plane_rows_cost):
     served = [r for r in results if not isinstance(r, BudgetExceeded)]
     refused = [r for r in results if isinstance(r, BudgetExceeded)]
     assert len(served) == 50 and len(refused) == 150
-    assert refused[0].message.startswith("budget_exceeded: tenant 'default': hard limit $0.01")
+    assert refused[0].message.startswith("budget_exceeded: tenant 'default': hard limit $0.015 per day")
     assert "per day" in refused[0].message
     assert plane_rows_cost <= 0.015 + 1e-12
 

@@ -40,7 +40,8 @@ class BudgetLine:
     def describe(self) -> str:
         limits = []
         if self.config.usd is not None:
-            limits.append(f"${self.config.usd:.2f}")
+            usd = self.config.usd
+            limits.append(f"${usd:.2f}" if usd >= 1 else f"${usd:.6g}")
         if self.config.tokens is not None:
             limits.append(f"{self.config.tokens} tokens")
         per = "in total" if self.config.period == "total" else f"per {self.config.period} ({self.period_key})"

@@ -229,6 +229,7 @@ class Daemon:
             await asyncio.to_thread(self.state.async_llm.shutdown)
             self.state.tokenizers.close()
             await self.state.control.close()  # settles what is left and commits the ledger's last rows
+        gc.unfreeze()  # the interpreter's exit then finalizes what was frozen, as bindings (triton's) expect
 
 
 def run(config: ServeConfig) -> int:
