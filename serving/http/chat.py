@@ -9,13 +9,13 @@ from fastapi.responses import Response
 from serving.engine.outputs import RequestOutput
 from serving.http.errors import bad_request
 from serving.http.control import admit_job, authenticate
-from serving.http.generation import (Job, ServingContext, api_error, check_admission, check_text_param, collect,
-                                     generate, make_job, run_for_client, settle, stop_reason, usage)
+from serving.http.generation import (Job, ServingContext, check_admission, check_text_param, make_job,
+                                     run_for_client, stop_reason, usage)
 from serving.http.logprobs import chat_logprobs, delta_rows
 from serving.http.protocol import ChatCompletionRequest
 from serving.http.responses import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                     ChatCompletionChunk, DeltaMessage)
-from serving.http.streaming import SSEResponse, sse_events
+from serving.http.streaming import SSEResponse, run_job
 
 logger = logging.getLogger(__name__)
 
@@ -57,23 +57,12 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
                    default_max_tokens=None)
     logger.debug("%s: %d prompt tokens, user %r", job.request_id, len(ids), body.user)
     await admit_job(state, job)
-    streaming = False
-    try:
-        outputs = generate(state, job)
-        if body.stream:
-            first = await run_for_client(request, state, body, anext(outputs))
-            usage_chunk = ChatCompletionChunk(id=job.request_id, created=job.created, model=state.model_name,
-                                              choices=[])
-            events = sse_events(first, outputs, job, _prelude(job, state.model_name), _chunk_renderer(ctx, job),
-                                usage_chunk if body.include_usage else None,
-                                lambda e: api_error(e, state, body))
-            streaming = True  # the event stream settles and closes the admission from here on
-            return SSEResponse(events, outputs, job.request_id)
-        finals = await run_for_client(request, state, body, collect(outputs, job))
-        settlement = await run_for_client(request, state, body, settle(job))
-    finally:
-        if not streaming:
-            job.admission.close()
+    usage_chunk = ChatCompletionChunk(id=job.request_id, created=job.created, model=state.model_name, choices=[])
+    result = await run_job(request, state, body, job, lambda: _prelude(job, state.model_name),
+                           _chunk_renderer(ctx, job), usage_chunk)
+    if isinstance(result, SSEResponse):
+        return result
+    finals, settlement = result
     want_logprobs = body.logprobs
     completion = ChatCompletion(
         id=job.request_id, created=job.created, model=state.model_name, usage=usage(job, finals, settlement),

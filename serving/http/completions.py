@@ -9,12 +9,12 @@ from fastapi.responses import Response
 from serving.engine.outputs import RequestOutput
 from serving.http.errors import bad_request
 from serving.http.control import admit_job, authenticate
-from serving.http.generation import (Job, ServingContext, api_error, check_admission, check_text_param, collect,
-                                     generate, make_job, run_for_client, settle, stop_reason, usage)
+from serving.http.generation import (Job, ServingContext, check_admission, check_text_param, make_job,
+                                     run_for_client, stop_reason, usage)
 from serving.http.logprobs import completion_logprobs, delta_rows
 from serving.http.protocol import CompletionRequest
 from serving.http.responses import Completion, CompletionChoice
-from serving.http.streaming import SSEResponse, sse_events
+from serving.http.streaming import SSEResponse, run_job
 
 logger = logging.getLogger(__name__)
 
@@ -47,23 +47,13 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     logger.debug("%s: %d prompts, user %r", job.request_id, len(prompt_ids), body.user)
     echo = _echo_texts(ctx, job) if body.echo else None
     await admit_job(state, job)
-    streaming = False
-    try:
-        outputs = generate(state, job)
-        if body.stream:
-            first = await run_for_client(request, state, body, anext(outputs))
-            usage_chunk = Completion(id=job.request_id, created=job.created, model=state.model_name, choices=[])
-            prelude = [_chunk(job, state.model_name, i, text) for i, text in enumerate(echo)] if echo else []
-            events = sse_events(first, outputs, job, prelude, _chunk_renderer(ctx, job),
-                                usage_chunk if body.include_usage else None,
-                                lambda e: api_error(e, state, body))
-            streaming = True  # the event stream settles and closes the admission from here on
-            return SSEResponse(events, outputs, job.request_id)
-        finals = await run_for_client(request, state, body, collect(outputs, job))
-        settlement = await run_for_client(request, state, body, settle(job))
-    finally:
-        if not streaming:
-            job.admission.close()
+    usage_chunk = Completion(id=job.request_id, created=job.created, model=state.model_name, choices=[])
+    result = await run_job(request, state, body, job,
+                           lambda: [_chunk(job, state.model_name, i, text) for i, text in enumerate(echo or [])],
+                           _chunk_renderer(ctx, job), usage_chunk)
+    if isinstance(result, SSEResponse):
+        return result
+    finals, settlement = result
     want_logprobs = job.params.logprobs is not None
     completion = Completion(
         id=job.request_id, created=job.created, model=state.model_name, usage=usage(job, finals, settlement),

@@ -12,12 +12,14 @@ import logging
 from typing import AsyncIterator, Callable
 
 from pydantic import BaseModel
+from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serving.engine.outputs import RequestOutput
 from serving.http.errors import APIError
-from serving.http.generation import ChoiceOutput, Job, check_finished, settle, usage
+from serving.http.generation import (ChoiceOutput, GenerateRequest, Job, api_error, check_finished, collect, generate,
+                                     run_for_client, settle, usage)
 
 logger = logging.getLogger(__name__)
 
@@ -88,4 +90,25 @@ async def sse_events(first: ChoiceOutput, outputs: AsyncIterator[ChoiceOutput], 
     finally:
         await outputs.aclose()
         if job.admission is not None:
+            job.admission.close()
+
+
+async def run_job(request: Request, state, body: GenerateRequest, job: Job, prelude: Callable[[], list[BaseModel]],
+                  render: RenderChunk, usage_chunk: BaseModel):
+    """Runs an admitted job: the SSE response when the body asks to stream, else (finals, settlement) once every
+    choice has finished and the request's ledger row is committed. The admission is closed either way (by the
+    event stream, when there is one)."""
+    streaming = False
+    try:
+        outputs = generate(state, job)
+        if body.stream:
+            first = await run_for_client(request, state, body, anext(outputs))
+            events = sse_events(first, outputs, job, prelude(), render, usage_chunk if body.include_usage else None,
+                                lambda e: api_error(e, state, body))
+            streaming = True
+            return SSEResponse(events, outputs, job.request_id)
+        finals = await run_for_client(request, state, body, collect(outputs, job))
+        return finals, await run_for_client(request, state, body, settle(job))
+    finally:
+        if not streaming:
             job.admission.close()
