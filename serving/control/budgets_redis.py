@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 
 from serving.control.budgets import Amount, BudgetLine, Seeder, _refusal
+from serving.control.ratelimit import LUA_NOW
 
 _PREFIX = "frugal:b:"
 _LINES = _PREFIX + "lines"  # every line key seen, for the reconciler
-_NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
 _AMOUNT = "local u, k = string.match(amounts, '([^ ]+) ([^ ]+)')\n"
 
 # KEYS: per line: line, reservations, expiries, expired. ARGV: id, ttl, usd, tokens, then per line: usd limit (-1:
@@ -39,7 +39,7 @@ local function sweep(line, resv, resx, expired)
 end
 """
 
-_RESERVE = _NOW + _SWEEP_LINE + """
+_RESERVE = LUA_NOW + _SWEEP_LINE + """
 local id, ttl, usd, tok = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local n = #KEYS / 4
 for i = 0, n - 1 do
@@ -103,7 +103,7 @@ return 0
 """
 
 # KEYS: line, reservations, expiries, expired. Sweeps one line (the reconciler: no new request may come to it).
-_SWEEP = _NOW + _SWEEP_LINE + """
+_SWEEP = LUA_NOW + _SWEEP_LINE + """
 sweep(KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 return 0
 """

@@ -58,41 +58,43 @@ class LocalLimiter:
                 self._buckets[charge.bucket] = (min(float(charge.per_minute), level + charge.amount), now)
 
 
-# KEYS: bucket keys. ARGV: per bucket: capacity, amount. Returns {0, 0} when taken, else the 1-based index of the
-# first bucket short and its wait in milliseconds. The clock is Redis's own (TIME), so replicas with skewed clocks
-# agree.
-_NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
-_TAKE = _NOW + """
-local levels = {}
-for i, key in ipairs(KEYS) do
-  local capacity = tonumber(ARGV[2 * i - 1])
-  local amount = tonumber(ARGV[2 * i])
+# Every script here reads the clock from Redis (TIME), so replicas with skewed clocks agree.
+LUA_NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
+
+# A bucket's level now: what it held, refilled since, capped at one minute's allowance.
+_LEVEL = LUA_NOW + """
+local function level(key, capacity)
   local state = redis.call('HMGET', key, 't', 'at')
   local tokens = tonumber(state[1]) or capacity
   local at = tonumber(state[2]) or now
-  local level = math.min(capacity, tokens + math.max(0, now - at) * capacity / 60)
-  if level < amount then
-    return {i, math.ceil((amount - level) * 60000 / capacity)}
-  end
-  levels[i] = level - amount
+  return math.min(capacity, tokens + math.max(0, now - at) * capacity / 60)
 end
-for i, key in ipairs(KEYS) do
-  redis.call('HSET', key, 't', levels[i], 'at', now)
+local function store(key, tokens)
+  redis.call('HSET', key, 't', tokens, 'at', now)
   redis.call('EXPIRE', key, 120)
 end
+"""
+
+# KEYS: bucket keys. ARGV: per bucket: capacity, amount. Returns {0, 0} when taken, else the 1-based index of the
+# first bucket short and its wait in milliseconds.
+_TAKE = _LEVEL + """
+local levels = {}
+for i, key in ipairs(KEYS) do
+  local capacity, amount = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local current = level(key, capacity)
+  if current < amount then
+    return {i, math.ceil((amount - current) * 60000 / capacity)}
+  end
+  levels[i] = current - amount
+end
+for i, key in ipairs(KEYS) do store(key, levels[i]) end
 return {0, 0}
 """
 
-_GIVE = _NOW + """
+_GIVE = _LEVEL + """
 for i, key in ipairs(KEYS) do
-  local capacity = tonumber(ARGV[2 * i - 1])
-  local amount = tonumber(ARGV[2 * i])
-  local state = redis.call('HMGET', key, 't', 'at')
-  local tokens = tonumber(state[1]) or capacity
-  local at = tonumber(state[2]) or now
-  local level = math.min(capacity, tokens + math.max(0, now - at) * capacity / 60 + amount)
-  redis.call('HSET', key, 't', level, 'at', now)
-  redis.call('EXPIRE', key, 120)
+  local capacity, amount = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  store(key, math.min(capacity, level(key, capacity) + amount))
 end
 return 0
 """

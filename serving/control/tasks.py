@@ -16,6 +16,7 @@ from typing import Awaitable, Callable
 
 from serving.control.config import TaskLimits
 from serving.control.errors import BudgetExceeded, TaskNotFound
+from serving.control.ratelimit import LUA_NOW
 
 
 @dataclass(slots=True)
@@ -96,10 +97,8 @@ _PREFIX = "frugal:task:"
 _TTL_S = 7 * 86400  # a task idle for a week is forgotten by Redis (the ledger still has it)
 
 # KEYS: task. ARGV: max_calls (-1), max_wall_s (-1). {-1}: seed first; {1, running s}; {2, calls}; {0}: admitted.
-_ADMIT = """
+_ADMIT = LUA_NOW + """
 if redis.call('HEXISTS', KEYS[1], 'seeded') == 0 then return {-1} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local first = tonumber(redis.call('HGET', KEYS[1], 'first'))
 local max_calls, max_wall = tonumber(ARGV[1]), tonumber(ARGV[2])
 if first and max_wall >= 0 and now - first > max_wall then return {1, tostring(now - first)} end

@@ -6,6 +6,8 @@ private`, and `x-frugal-tenant-id` (admin keys only: act for another tenant).
 """
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -89,8 +91,6 @@ def install_control_routes(app: FastAPI, state: ServerState) -> None:
 async def admit_job(state: ServerState, job) -> None:
     """Admits a Job (serving/http/generation.py) through the control plane: sets `job.admission`, and lowers
     its max_tokens when a soft budget says so. Raises the refusal as an APIError."""
-    import dataclasses
-
     try:
         job.admission = await state.control.admit(job.ctx, job.request_id, state.model_name,
                                                   sum(len(p) for p in job.prompts), job.params.max_tokens,
