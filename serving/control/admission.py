@@ -63,6 +63,7 @@ class Admission:
     _closed: bool = False
     _task: asyncio.Task | None = None
     _committed: asyncio.Future | None = None  # the Settlement, once its ledger row is committed
+    _settling: asyncio.Event = field(default_factory=asyncio.Event)  # set once the settlement has started
 
     def expect(self, index: int = 0) -> "OnDone":
         """The callback for engine request `index` (prompt index * n + choice); call once per submission."""
@@ -81,8 +82,7 @@ class Admission:
         """Closes the admission and waits for its settlement (its ledger row committed). Raises LedgerUnavailable
         when the row could not be committed: the response must not be sent then."""
         self.close()
-        while self._committed is None:  # the last engine request's callback is already on its way to the loop
-            await asyncio.sleep(0)
+        await self._settling.wait()  # at once, or when the last engine request's end reaches the loop
         return await asyncio.shield(self._committed)
 
     def _one_done(self, index: int, done: "EngineDone") -> None:
@@ -94,6 +94,7 @@ class Admission:
             self._committed = self._loop.create_future()
             self._task = asyncio.ensure_future(self._settle())
             self.plane.track(self._task)
+            self._settling.set()
 
     async def _settle(self) -> Settlement:
         plane, ctx = self.plane, self.ctx
