@@ -78,15 +78,21 @@ def budget_line(redis_url, tenant) -> dict:
 
 def test_a_budget_holds_across_two_replicas(replicas, postgres_url):
     key = create_key(replicas[0], "race")  # one key store for both: PostgreSQL
+    # One request through each replica first, so both have served from the shared line whatever the race does.
+    first = [httpx.post(f"http://127.0.0.1:{d.http_port}/v1/completions", timeout=120,
+                        headers={"Authorization": f"Bearer {key}"},
+                        json={"prompt": RACE_PROMPT, "max_tokens": RACE_MAX_TOKENS, "temperature": 0,
+                              "ignore_eos": True}) for d in replicas]
+    assert [r.status_code for r in first] == [200, 200], [r.text for r in first]
 
     async def both():
         halves = await asyncio.gather(*(_race(f"http://127.0.0.1:{d.http_port}", key, 100) for d in replicas))
         return [r for half in halves for r in half]
 
-    responses = asyncio.run(both())
-    spent = sum(r.prompt_tokens + r.completion_tokens for r in rows(postgres_url, "race"))
-    check_race(responses, spent)
-    assert len({r.replica for r in rows(postgres_url, "race")}) == 2  # both replicas served some
+    responses = first + asyncio.run(both())
+    served = rows(postgres_url, "race")
+    check_race(responses, sum(r.prompt_tokens + r.completion_tokens for r in served))
+    assert len({r.replica for r in served}) == 2
 
 
 def test_a_killed_replica_leaves_a_consistent_state(replicas, tmp_path_factory, postgres_url, redis_url):
