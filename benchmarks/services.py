@@ -1,6 +1,6 @@
-"""Real Redis and PostgreSQL servers for the tests and the control-plane benchmark, on free loopback ports.
+"""Real Redis, PostgreSQL and Prometheus servers for the tests and benchmarks, on free loopback ports.
 
-`make test` installs the Debian packages (redis-server, postgresql); a missing binary is a test failure, not a
+`make test` installs the Debian packages (redis-server, postgresql, prometheus); a missing binary is a test failure, not a
 skip. PostgreSQL refuses to run as root, so as root its cluster belongs to the `postgres` user.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _binary(name: str, dirs=()) -> str:
         if (d / name).exists():
             return str(d / name)
     path = shutil.which(name)
-    assert path, f"{name} is not installed (make test installs it: apt-get install redis-server postgresql)"
+    assert path, f"{name} is not installed (`make services` installs it, with redis-server, postgresql and prometheus)"
     return path
 
 
@@ -75,3 +75,40 @@ def postgres_server():
         subprocess.run(_as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"]),
                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def prometheus_server(targets: list[str], scrape_interval_s: float = 1.0):
+    """Yields http://127.0.0.1:PORT of a fresh Prometheus scraping `targets` ("host:port", path /metrics)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="frugal-prom-") as tmp:
+        config = Path(tmp) / "prometheus.yml"
+        config.write_text(
+            "global:\n"
+            f"  scrape_interval: {int(scrape_interval_s * 1000)}ms\n"
+            f"  scrape_timeout: {int(scrape_interval_s * 1000)}ms\n"
+            "scrape_configs:\n"
+            "  - job_name: frugal\n"
+            "    metrics_path: /metrics\n"
+            f"    static_configs: [{{targets: [{', '.join(repr(t) for t in targets)}]}}]\n")
+        log = open(Path(tmp) / "prometheus.log", "wb")
+        proc = subprocess.Popen([_binary("prometheus"), f"--config.file={config}",
+                                 f"--storage.tsdb.path={Path(tmp) / 'data'}",
+                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            import httpx
+
+            deadline = time.monotonic() + 60
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                        break
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    f"prometheus did not start: {(Path(tmp) / 'prometheus.log').read_text()[-2000:]}"
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+            log.close()

@@ -8,12 +8,16 @@ eviction happens lazily, at that moment, so a free block costs nothing to keep.
 The free queue is ordered by eviction: the head goes first. Requests free their
 blocks tail first, so a sequence's tail is evicted before its head, which other
 requests are more likely to share.
+
+With events on (``kv_events`` a list), every change to the set of cached hashes
+is recorded (scheduler/kv_events.py) for the engine to publish.
 """
 from __future__ import annotations
 
 from typing import Iterable
 
 from scheduler.block_hash import BlockHash
+from scheduler.kv_events import AllBlocksCleared, BlockRemoved, KVCacheEvent
 
 
 class KVBlock:
@@ -104,6 +108,8 @@ class BlockPool:
         self.cached_blocks: dict[BlockHash, KVBlock] = {}  # full, hashed blocks, held or free
         self.prefix_cache_queries = 0  # tokens looked up in the cache, at admission
         self.prefix_cache_hits = 0  # of those, tokens found
+        # NOTE: None, not an empty list, while nobody listens: recording then costs one `is None` check.
+        self.kv_events: list[KVCacheEvent] | None = None  # changes to cached_blocks since take_events()
 
     @property
     def num_free_blocks(self) -> int:
@@ -158,16 +164,18 @@ class BlockPool:
             elif block.ref_cnt < 0:
                 raise ValueError(f"{block} freed more often than taken")
 
-    def cache_full_block(self, block: KVBlock, block_hash: BlockHash) -> None:
+    def cache_full_block(self, block: KVBlock, block_hash: BlockHash) -> bool:
         """Make a full block findable by its hash. Called when a block's last token is computed.
 
         When another block already holds the same content (two requests computed the
         same prefix at once), this one stays unhashed and is reused first once freed.
+        Returns whether the hash became findable now (the caller records that event).
         """
         if block.block_hash is not None or block_hash in self.cached_blocks:
-            return
+            return False
         block.block_hash = block_hash
         self.cached_blocks[block_hash] = block
+        return True
 
     def get_cached_block(self, block_hash: BlockHash) -> KVBlock | None:
         return self.cached_blocks.get(block_hash)
@@ -187,9 +195,31 @@ class BlockPool:
         for block in self.cached_blocks.values():
             block.block_hash = None
         self.cached_blocks.clear()
+        if self.kv_events is not None:
+            self.kv_events.append(AllBlocksCleared())
         return True
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """The events recorded since the last call, oldest first; empty while events are off.
+
+        Called by the engine after each step, to publish them.
+        """
+        if not self.kv_events:
+            return []
+        events, self.kv_events = self.kv_events, []
+        return events
 
     def _evict(self, block: KVBlock) -> None:
         if self.cached_blocks.get(block.block_hash) is block:
             del self.cached_blocks[block.block_hash]
+            if self.kv_events is not None:
+                self._record_removed(block.block_hash)
         block.block_hash = None
+
+    def _record_removed(self, block_hash: BlockHash) -> None:
+        # NOTE: one allocation often evicts several blocks; back-to-back evictions share one event.
+        last = self.kv_events[-1] if self.kv_events else None
+        if isinstance(last, BlockRemoved):
+            last.block_hashes.append(block_hash)
+        else:
+            self.kv_events.append(BlockRemoved(block_hashes=[block_hash]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from scheduler.block_hash import BlockHash, hash_block_tokens
 from scheduler.block_pool import BlockPool, KVBlock
+from scheduler.kv_events import BlockStored, KVCacheEvent
 from scheduler.request import Request
 
 
@@ -31,6 +32,16 @@ class KVCacheManager:
     @property
     def usage(self) -> float:
         return self.block_pool.usage
+
+    def enable_kv_events(self) -> None:
+        """Start recording prefix-cache events (scheduler/kv_events.py). Called once, before any request, so
+        the events describe the whole cache; off (and free) by default."""
+        if self.block_pool.kv_events is None:
+            self.block_pool.kv_events = []
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """The prefix-cache events since the last call, oldest first. Called by the engine after each step."""
+        return self.block_pool.take_events()
 
     def get_block_ids(self, req_id: str) -> list[int]:
         return self.req_to_block_ids.get(req_id, [])
@@ -115,8 +126,21 @@ class KVCacheManager:
             return
         block_hashes = self._update_block_hashes(request)
         blocks = self.req_to_blocks[req_id]
+        events = self.block_pool.kv_events
+        stored: BlockStored | None = None  # the event of the run of blocks cached just before block i
         for i in range(num_cached_blocks, num_full_blocks):
-            self.block_pool.cache_full_block(blocks[i], block_hashes[i])
+            if not self.block_pool.cache_full_block(blocks[i], block_hashes[i]):
+                stored = None  # already findable under another block: announced before
+                continue
+            if events is None:
+                continue
+            if stored is None:
+                stored = BlockStored(block_hashes=[], parent_block_hash=block_hashes[i - 1] if i else None,
+                                     token_ids=[], block_size=self.block_size, extra_keys=[])
+                events.append(stored)
+            stored.block_hashes.append(block_hashes[i])
+            stored.token_ids.extend(token_slice(request, i * self.block_size, (i + 1) * self.block_size))
+            stored.extra_keys.append(request.hash_salt)
         self.req_to_num_cached_blocks[req_id] = num_full_blocks
 
     def free(self, request: Request) -> None:

@@ -7,6 +7,42 @@ from dataclasses import dataclass, field
 _DTYPES = ("float32", "bfloat16", "float16")
 _DEVICES = ("cpu", "cuda")
 _QUANTIZATIONS = ("none", "auto", "int4-g32", "int4-g64", "int4-g128", "int8")  # serving/quant/install.py
+_ZMQ_TRANSPORTS = ("tcp://", "ipc://", "inproc://")
+
+
+@dataclass(slots=True, kw_only=True)
+class KVEventsConfig:
+    """Prefix-cache events on a ZMQ PUB socket, in vLLM's format (serving/engine/kv_events.py), for routers such
+    as llm-d's precise prefix-cache scorer. Names follow vLLM's --kv-events-config."""
+
+    enabled: bool = False  # publish events; off: nothing is recorded and no socket is opened
+    # PUB address; with "*" (tcp://*:5557), "::", ipc:// or inproc:// it binds, otherwise it connects (vLLM's
+    # rule, so a subscriber that binds, tcp://indexer:5557, works too)
+    endpoint: str = "tcp://*:5557"
+    replay_endpoint: str | None = None  # ROUTER address serving missed batches from a sequence number; None: none
+    # ZMQ topic of every message; None: "kv@<hostname>@<served model name>", the form llm-d parses
+    topic: str | None = None
+    max_queue_size: int = 10_000  # batches waiting for the publisher thread; when full the oldest is dropped
+    buffer_steps: int = 10_000  # batches kept for replay
+    hwm: int = 100_000  # ZMQ send high-water mark of the PUB socket (messages); 0: unbounded
+    # put each block's hash salt (the tenant, or the client's cache salt) in the event's extra_keys
+    include_salt: bool = False
+
+    def __post_init__(self):
+        for name in ("enabled", "include_salt"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _check_zmq_address("endpoint", self.endpoint)
+        if self.replay_endpoint is not None:
+            _check_zmq_address("replay_endpoint", self.replay_endpoint)
+        if self.replay_endpoint == self.endpoint and not self.endpoint.endswith(":*"):  # ":*": any free port
+            raise ValueError(f"replay_endpoint must differ from endpoint, both are {self.endpoint!r}")
+        if self.topic is not None and not isinstance(self.topic, str):
+            raise ValueError(f"topic must be a string or None, got {self.topic!r}")
+        for name, minimum in (("max_queue_size", 1), ("buffer_steps", 1), ("hwm", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -27,6 +63,7 @@ class EngineConfig:
     max_waiting: int | None = None  # bounded waiting queue (backpressure); None: unbounded
     num_threads: int | None = None  # torch intra-op threads; None: the CPUs this process may use
     tenant_weights: dict[str, float] = field(default_factory=dict)  # fair-share weights per tenant
+    kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)  # prefix-cache events for routers
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -45,6 +82,15 @@ class EngineConfig:
             raise ValueError(f"num_threads must be a positive integer, got {self.num_threads!r}")
         if self.model is not None and not isinstance(self.model, str):
             raise ValueError(f"model must be a path string, got {self.model!r}")
+        if not isinstance(self.kv_events, KVEventsConfig):
+            raise ValueError(f"kv_events must be a KVEventsConfig, got {type(self.kv_events).__name__}")
+
+
+def _check_zmq_address(name: str, value: object) -> None:
+    transport = value.split("://", 1)[0] + "://" if isinstance(value, str) else None
+    if transport not in _ZMQ_TRANSPORTS or value == transport:
+        raise ValueError(f"{name} must be a ZMQ address starting with {', '.join(_ZMQ_TRANSPORTS)} "
+                         f"(e.g. tcp://*:5557), got {value!r}")
 
 
 def available_cpus() -> int:

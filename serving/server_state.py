@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # AsyncLLM pulls in torch; the state itself must stay cheap t
     from serving.engine.async_engine import AsyncLLM
     from serving.engine.stats import EngineStats
     from serving.engine.tokenizer_pool import TokenizerPool
+    from serving.metrics.registry import Metrics
 
 
 @dataclass(slots=True)
@@ -32,6 +33,7 @@ class ServerState:
     draining: bool = False  # set on SIGTERM: refuse new requests, let accepted ones finish
     retry_after_ms: int = 1000  # hint sent with a queue-full refusal (gRPC trailer / HTTP Retry-After)
     created: int = field(default_factory=lambda: int(time.time()))  # unix seconds; OpenAI's `created` field
+    metrics: "Metrics | None" = None  # what GET /metrics renders; None: metrics are off
 
     def is_ready(self) -> bool:
         """True while new requests are welcome: warmed up, not draining, engine alive."""

@@ -77,6 +77,9 @@ def test_sigterm_drains_in_flight_and_refuses_new_calls(daemon):
             resp = httpx.post(f"http://127.0.0.1:{daemon.http_port}/v1/completions", timeout=30,
                               json={"prompt": "hi", "max_tokens": 2})
             assert resp.status_code == 503
+            # Kubernetes: readiness fails first (the pod leaves the endpoints), liveness holds (no restart).
+            assert httpx.get(f"http://127.0.0.1:{daemon.http_port}/readyz", timeout=10).status_code == 503
+            assert httpx.get(f"http://127.0.0.1:{daemon.http_port}/healthz", timeout=10).status_code == 200
         chunks += list(stream)
     assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert sum(len(c.token_ids) for c in chunks) == 64 == chunks[-1].usage.completion_tokens

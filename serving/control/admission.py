@@ -101,6 +101,7 @@ class Admission:
         accepted = [(i, d) for i, d in self._done if d.accepted]
         if not accepted:
             self._committed.set_result(Settlement("refused", 0.0, 0, 0, 0, 0.0))
+            plane.observer.settled(self, self._committed.result())
             await plane.release(self)
             return self._committed.result()
         outputs = [(i, d.output) for i, d in accepted if d.output is not None]
@@ -134,5 +135,6 @@ class Admission:
             # (the worst case) still holds the amount, so settling late can never let a budget be overspent.
             self._committed.set_result(settlement)
         # The cost happened whether or not its row is in yet (a failed commit stays queued): count it.
+        plane.observer.settled(self, settlement)
         await plane.settle(self, Amount(cost, self.prompt_tokens + completion))
         return settlement

@@ -27,6 +27,7 @@ from serving.control.cost import CostModel
 from serving.control.errors import ControlError, ControlUnavailable, ModelNotAllowed, TaskNotFound
 from serving.control.keys import KeyStore
 from serving.control.ledger import Ledger
+from serving.control.observer import ControlObserver
 from serving.control.ratelimit import Charge, LocalLimiter, RedisLimiter
 from serving.control.store import open_database
 from serving.control.tasks import LocalTasks, RedisTasks, TaskState
@@ -73,6 +74,7 @@ class ControlPlane:
         self._background: set[asyncio.Task] = set()
         self._workers: list[asyncio.Task] = []
         self.num_soft_exceeded = 0  # soft-budget overruns since start
+        self.observer = ControlObserver()  # the metrics, once the daemon installs them
         self._engine_time_mark: tuple[float | None, float] = (None, 0.0)  # (UNIX s, busy s) of the last row
 
     @classmethod
@@ -209,8 +211,11 @@ class ControlPlane:
             first = failures[0]  # in this order: rate limit, agent task, budget
             if not isinstance(first, ControlError):  # the shared store is down or slow: not the caller's fault
                 logger.error("admission of %s failed: %s: %s", request_id, type(first).__name__, first)
-                raise ControlUnavailable(f"the control plane's store is unavailable ({type(first).__name__}); "
-                                         "retry shortly", retry_after_s=1.0) from first
+                unavailable = ControlUnavailable(f"the control plane's store is unavailable "
+                                                 f"({type(first).__name__}); retry shortly", retry_after_s=1.0)
+                self.observer.refused(ctx, model, unavailable)
+                raise unavailable from first
+            self.observer.refused(ctx, model, first)
             raise first
         if any(line.config.mode == "hard" and line.config.usd is not None for line in lines):
             cap = cost.busy_cap_s(need.usd / num_engine)
@@ -222,6 +227,7 @@ class ControlPlane:
                            line.describe())
             if line.config.fallback is not None:
                 admission.max_tokens = min(admission.max_tokens, line.config.fallback.max_tokens)
+        self.observer.admitted(admission)
         return admission
 
     async def release(self, admission: Admission) -> None:
@@ -261,6 +267,8 @@ class ControlPlane:
             raise TaskNotFound(f"task {task_id!r} is unknown: it has made no model call")
         await self.ledger.commit_outcome({"ts": time.time(), "tenant": ctx.tenant, "workflow": workflow_id,
                                           "task": task_id, "outcome": outcome, "quality": quality})
+        # NOTE: from the shared ledger, so a task whose calls ran on other replicas is costed in full.
+        self.observer.outcome(ctx, outcome, await self._in_thread(queries.task_cost)(ctx.tenant, task_id))
 
     # -- background --------------------------------------------------------------------------------------
     def _write_engine_time(self) -> None:

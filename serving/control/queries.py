@@ -33,6 +33,13 @@ def task_state(engine: sa.Engine, tenant: str, task: str) -> TaskState:
     return TaskState(calls=int(calls), tool_calls=int(tools), first_ts=float(first) if first is not None else None)
 
 
+def task_cost(engine: sa.Engine, tenant: str, task: str) -> float:
+    r = requests.c
+    with engine.connect() as conn:
+        return float(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(r.cost_usd), 0.0))
+                                  .where(r.tenant == tenant, r.task == task)).scalar_one())
+
+
 def costs_of(engine: sa.Engine, admission_ids: list[str]) -> dict[str, Amount]:
     r = requests.c
     with engine.connect() as conn:

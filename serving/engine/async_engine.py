@@ -203,6 +203,7 @@ class AsyncLLM:
             self.engine.faults.release()
         self._wakeup.set()
         self._thread.join(timeout)
+        self.engine.close()  # after the loop's last step, so its events still go out
 
     # -- plumbing ---------------------------------------------------------------------------------------
     async def _submit(self, command: AddRequest | AbortRequest):

@@ -31,6 +31,8 @@ from serving.config import EngineConfig, available_cpus
 from serving.engine.accounting import StepAccounting
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.faults import FaultInjector, InjectedFault
+from serving.engine.kv_events import KVEventPublisher
+from serving.engine.iteration_stats import FinishedRequestStats, IterationStats, StatLogger
 from serving.engine.model_runner import ModelRunner, kv_bytes_per_block
 from serving.engine.outputs import RequestMetrics, RequestOutput
 from serving.engine.sampler import SamplingState, make_sampling_state
@@ -103,11 +105,17 @@ class LLMEngine:
         ))
         self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, self.device, dtype)
         self.num_blocks = num_blocks
+        self.kv_event_publisher: KVEventPublisher | None = None  # prefix-cache events for routers; None: off
+        if config.kv_events.enabled:
+            self.scheduler.kv_cache_manager.enable_kv_events()
+            self.kv_event_publisher = KVEventPublisher(config.kv_events, self.loaded.path)
         self.faults: FaultInjector | None = None  # tests only: see serving/engine/faults.py
         self._tracked: dict[str, _Tracked] = {}
         self._ids = count()
         self.accounting = StepAccounting()
         self.last_step_num_tokens = 0  # tokens the latest step computed; 0 when it scheduled nothing or failed
+        self.stat_logger: StatLogger | None = None  # the metrics (serving/metrics/engine.py); None: nothing recorded
+        self._iteration: IterationStats | None = None  # what the running step did, while a stat logger is set
         logger.info("engine ready: %s, %d KV blocks of %d tokens (%.0f MiB), context %d", self.loaded.path,
                     num_blocks, config.block_size, num_blocks * bytes_per_block / 2**20, self.max_model_len)
 
@@ -230,6 +238,8 @@ class LLMEngine:
             return []
         if sched_out.is_empty:
             return []
+        if self.stat_logger is not None:
+            self._iteration = IterationStats()
         req_ids = [s.req_id for s in sched_out.seqs]
         try:
             if self.faults is not None:
@@ -240,9 +250,14 @@ class LLMEngine:
             runner_out = self.runner.execute(sched_out, states)
             self.scheduler.update_from_output(sched_out, runner_out)
         except Exception:
-            return self._fail_step(req_ids)
+            outputs = self._fail_step(req_ids)
+            self._record_iteration()
+            return outputs
+        if self.kv_event_publisher is not None:
+            self.kv_event_publisher.publish(self.scheduler.kv_cache_manager.take_events())
         self.last_step_num_tokens = sched_out.num_batched_tokens
         now = time.monotonic()
+        iteration = self._iteration
         outputs = []
         for seq in sched_out.seqs:
             tracked = self._tracked.get(seq.req_id)
@@ -258,8 +273,11 @@ class LLMEngine:
             token = runner_out.sampled_token_ids.get(seq.req_id)
             if token is None:
                 continue
+            if iteration is not None:
+                self._count_token(iteration, tracked, now)
             if tracked.metrics.first_token_time is None:
                 tracked.metrics.first_token_time = now
+            tracked.metrics.last_token_time = now
             if seq.req_id in runner_out.logprobs:
                 tracked.logprobs.append(runner_out.logprobs[seq.req_id])
             try:
@@ -272,7 +290,28 @@ class LLMEngine:
             if tracked is not None and tracked.busy_s_cap is not None and tracked.metrics.busy_s >= tracked.busy_s_cap:
                 # NOTE: its budget reserved no more: stopping here is what keeps a hard budget from being overspent.
                 outputs.append(self._finish(tracked, RequestStatus.FINISHED_LENGTH))
+        if iteration is not None:
+            iteration.num_batched_tokens = sched_out.num_batched_tokens
+            self._record_iteration()
         return outputs
+
+    @staticmethod
+    def _count_token(iteration: IterationStats, tracked: _Tracked, now: float) -> None:
+        metrics = tracked.metrics
+        iteration.num_generation_tokens += 1
+        if metrics.first_token_time is None:
+            iteration.num_prompt_tokens += len(tracked.request.prompt_token_ids)
+            iteration.time_to_first_tokens_s.append(now - metrics.arrival_time)
+        else:
+            iteration.inter_token_latencies_s.append(now - metrics.last_token_time)
+
+    def _record_iteration(self) -> None:
+        iteration, self._iteration = self._iteration, None
+        if iteration is not None and self.stat_logger is not None:
+            try:
+                self.stat_logger.record(iteration)
+            except Exception:  # metrics must never fail a step
+                logger.exception("recording the step's metrics failed")
 
     def _process_token(self, tracked: _Tracked, token: int) -> RequestOutput:
         request, params = tracked.request, tracked.params
@@ -309,7 +348,22 @@ class LLMEngine:
         out.stop_reason = tracked.detok.stop_reason if tracked.detok.stop_reason is not None else (
             stop_token if stop_token is not None and stop_token not in self.eos_token_ids else None)
         out.error = error
+        if self.stat_logger is not None:
+            self._count_finished(tracked, "error" if error is not None else out.finish_reason)
         return out
+
+    def _count_finished(self, tracked: _Tracked, reason: str) -> None:
+        m = tracked.metrics
+        finished = FinishedRequestStats(
+            finish_reason=reason, e2e_latency_s=m.finish_time - m.arrival_time,
+            queue_time_s=None if m.first_scheduled_time is None else m.first_scheduled_time - m.arrival_time,
+            num_prompt_tokens=len(tracked.request.prompt_token_ids),
+            num_generation_tokens=len(tracked.request.output_token_ids))
+        if self._iteration is not None:
+            self._iteration.finished.append(finished)
+        else:  # an abort between steps
+            self._iteration = IterationStats(finished=[finished])
+            self._record_iteration()
 
     def _drop(self, req_id: str, status: RequestStatus) -> None:
         """The one place a request leaves: the scheduler frees its blocks and the engine forgets it, together."""
@@ -372,3 +426,8 @@ class LLMEngine:
 
     def reset_step_stats(self) -> None:
         self.accounting.reset()
+
+    def close(self) -> None:
+        """Releases what outlives a step (the KV event sockets). Called once, after the last step."""
+        if self.kv_event_publisher is not None:
+            self.kv_event_publisher.close()

@@ -9,6 +9,7 @@ class RequestMetrics:
     arrival_time: float  # time.monotonic() when the engine accepted the request
     first_scheduled_time: float | None = None  # first step that ran any of its tokens
     first_token_time: float | None = None  # first generated token
+    last_token_time: float | None = None  # latest generated token
     finish_time: float | None = None  # when it finished
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     num_preemptions: int = 0  # times it was preempted and recomputed

@@ -5,6 +5,7 @@ must be ...`), so a typo fails the start instead of silently taking a default.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -12,9 +13,11 @@ from typing import Any, Callable
 
 import yaml
 
-from serving.config import EngineConfig, WatchdogConfig
+from serving.config import EngineConfig, KVEventsConfig, WatchdogConfig
 from serving.control.config import ControlConfig, control_config
+from serving.engine.kv_events import topic_for
 from serving.limits import RequestLimits
+from serving.metrics.config import MetricsConfig
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -41,11 +44,16 @@ class ServeConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)  # what one request may ask for
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # when the engine is declared dead
     control: ControlConfig = field(default_factory=ControlConfig)  # keys, budgets, prices, the ledger
+    kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)  # prefix-cache events for routers
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # /metrics and the saturation signal
 
     def engine_config(self) -> EngineConfig:
         kwargs = {"max_waiting": DEFAULT_MAX_WAITING, **self.engine}
+        kv_events = self.kv_events
+        if kv_events.topic is None and self.served_model_name is not None:  # routers key the cache by this name
+            kv_events = dataclasses.replace(kv_events, topic=topic_for(self.served_model_name))
         try:
-            return EngineConfig(model=self.model, **kwargs)
+            return EngineConfig(model=self.model, kv_events=kv_events, **kwargs)
         except ValueError as e:  # EngineConfig's messages start with the field name
             raise ConfigError(f"engine.{e}") from e
 
@@ -102,6 +110,12 @@ def _bytes(key, value):
     return value
 
 
+def _names(key, value):
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key} must be a list of non-empty strings, got {value!r}")
+    return list(value)
+
+
 def _weights(key, value):
     if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0
@@ -139,8 +153,28 @@ _WATCHDOG: dict[str, Callable] = {
     "interval_s": _number(0.001),
     "exit_after_s": _number(0.0),
 }
+_METRICS: dict[str, Callable] = {
+    "enabled": _bool,
+    "target_queue_depth": _number(0.001),
+    "kv_cache_usage_target": _number(0.001),
+    "tenants": _names,
+    "workflows": _names,
+    "max_label_values": _int(1),
+}
 # Sections built into their own dataclass: key -> (checks, type)
-_SECTIONS = {"limits": (_LIMITS, RequestLimits), "watchdog": (_WATCHDOG, WatchdogConfig)}
+_SECTIONS = {"limits": (_LIMITS, RequestLimits), "watchdog": (_WATCHDOG, WatchdogConfig),
+             "metrics": (_METRICS, MetricsConfig)}
+_KV_EVENTS: dict[str, Callable] = {
+    "enabled": _bool,
+    "endpoint": _str(),
+    "replay_endpoint": _str(none_ok=True),
+    "topic": _str(none_ok=True),
+    "max_queue_size": _int(1),
+    "buffer_steps": _int(1),
+    "hwm": _int(0),
+    "include_salt": _bool,
+}
+_SECTIONS["kv_events"] = (_KV_EVENTS, KVEventsConfig)
 _ENGINE: dict[str, Callable] = {
     "max_num_seqs": _int(1),
     "max_num_batched_tokens": _int(1),

@@ -51,10 +51,15 @@ def build_state(config: ServeConfig) -> ServerState:
     logger.info("control plane: auth %s, ledger %s, counters %s, %d budgets", config.control.auth,
                 control.db.url.render_as_string(hide_password=True),
                 "redis" if config.control.redis_url else "in process", len(config.control.budgets))
-    return ServerState(async_llm=AsyncLLM(engine=engine), tokenizers=TokenizerPool(engine.tokenizer,
-                                                                                   config.tokenizer_workers),
+    async_llm = AsyncLLM(engine=engine)
+    metrics = None
+    if config.metrics.enabled:
+        from serving.metrics.registry import Metrics
+
+        metrics = Metrics.install(config.metrics, engine, control, name, stats=async_llm.stats)
+    return ServerState(async_llm=async_llm, tokenizers=TokenizerPool(engine.tokenizer, config.tokenizer_workers),
                        control=control, model_name=name, max_model_len=engine.max_model_len, limits=config.limits,
-                       retry_after_ms=config.retry_after_ms)
+                       retry_after_ms=config.retry_after_ms, metrics=metrics)
 
 
 async def warm_up(state: ServerState) -> None:

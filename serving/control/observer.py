@@ -1,0 +1,25 @@
+"""What the control plane reports as it admits, refuses and settles requests: the hooks the metrics implement
+(serving/metrics/control.py). The base class ignores everything, so the plane runs the same without metrics.
+Called on the event loop; implementations must not block."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serving.control.admission import Admission, Settlement
+    from serving.control.context import RequestContext
+    from serving.control.errors import ControlError
+
+
+class ControlObserver:
+    def admitted(self, admission: "Admission") -> None:
+        """A request passed its limits and budgets; its budget lines are reserved."""
+
+    def refused(self, ctx: "RequestContext", model: str, error: "ControlError") -> None:
+        """A request was refused at admission (rate limit, budget, agent task, unavailable store)."""
+
+    def settled(self, admission: "Admission", settlement: "Settlement") -> None:
+        """A request ended and its real cost is known (its ledger row is queued or committed)."""
+
+    def outcome(self, ctx: "RequestContext", outcome: str, task_cost_usd: float) -> None:
+        """A task's outcome was reported; `task_cost_usd` is what the task's calls cost in all."""
