@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv services test generate serve proto bench clean
+.PHONY: venv services dashboard test generate serve proto bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,19 +20,34 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
-# The real servers some tests start on loopback ports of their own (Debian packages; installed once).
+# The real servers (and the headless browser) some tests start on loopback ports of their own (Debian packages;
+# installed once).
 services:
-	@command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql; }
+	@command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && \
+		command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v prometheus >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql \
+			chromium chromium-driver prometheus; }
 
-test: $(STAMP) services
+# The /dashboard page's chart library: uPlot from npm, pinned by the committed package-lock.json, copied beside
+# the page (serving/http/dashboard/vendor/, not in git) so the daemon serves it itself: no CDN at run time.
+DASHBOARD := serving/http/dashboard
+$(DASHBOARD)/vendor/.installed: $(DASHBOARD)/package.json $(DASHBOARD)/package-lock.json
+	cd $(DASHBOARD) && npm ci --no-audit --no-fund --prefer-offline --loglevel=error
+	mkdir -p $(DASHBOARD)/vendor
+	cp $(DASHBOARD)/node_modules/uplot/dist/uPlot.iife.min.js $(DASHBOARD)/node_modules/uplot/dist/uPlot.min.css \
+		$(DASHBOARD)/vendor/
+	touch $@
+
+dashboard: $(DASHBOARD)/vendor/.installed
+
+test: $(STAMP) services dashboard
 	$(PY) -m pytest -q -x tests
 
 generate: $(STAMP)
 	$(VENV)/bin/frugal generate --max-tokens 96
 
 # The daemon on the bundled model: gRPC on 50051, OpenAI-compatible HTTP on 8000; Ctrl-C or SIGTERM drains.
-serve: $(STAMP)
+serve: $(STAMP) dashboard
 	$(VENV)/bin/frugal serve --config frugal.yaml
 
 # Regenerates serving/rpc/gen from serving/rpc/protos (the generated code is committed; a test checks it is fresh).

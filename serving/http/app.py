@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP app: `create_app(state)` -> FastAPI, served by uvicorn inside the daemon.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, the agent
-reports POST /v1/outcomes and POST /v1/tasks/{task_id}/tool_calls (serving/http/control.py), and plain
-probes: GET /healthz (liveness: 200 while the engine is alive, 503 once the watchdog has declared it dead, so
-that Kubernetes restarts the pod) and GET /readyz (200 only while new requests are welcome).
+reports POST /v1/outcomes and POST /v1/tasks/{task_id}/tool_calls (serving/http/control.py), GET /metrics
+(Prometheus; serving/metrics/), and plain probes: GET /healthz (liveness: 200 while the engine is alive, 503 once
+the watchdog has declared it dead, so that Kubernetes restarts the pod) and GET /readyz (200 only while new
+requests are welcome).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from serving.http.body_limit import BodyLimitMiddleware
 from serving.http.chat import create_chat_completion
 from serving.http.completions import create_completion
 from serving.http.control import install_control_routes
+from serving.http.dashboard import dashboard_router
 from serving.http.errors import install_error_handlers
 from serving.http.generation import ServingContext, check_model, readiness
 from serving.http.logprobs import TokenTexts
@@ -44,6 +46,16 @@ def create_app(state: ServerState) -> FastAPI:
         status = readiness(state)
         return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus scrape endpoint (an operator endpoint: unauthenticated, like vLLM's)."""
+        if state.metrics is None:
+            return JSONResponse({"error": {"message": "metrics are off (metrics.enabled: false)",
+                                           "type": "not_found_error", "code": "not_found"}}, status_code=404)
+        from serving.metrics.registry import CONTENT_TYPE
+
+        return Response(await state.metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def list_models() -> ModelList:
         return ModelList(data=[model_card()])
@@ -62,5 +74,6 @@ def create_app(state: ServerState) -> FastAPI:
         return await create_completion(ctx, body, request)
 
     install_control_routes(app, state)
+    app.include_router(dashboard_router())  # operator page over /metrics (no key, like /metrics)
 
     return app
