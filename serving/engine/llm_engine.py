@@ -31,8 +31,8 @@ from serving.config import EngineConfig, available_cpus
 from serving.engine.accounting import StepAccounting
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.faults import FaultInjector, InjectedFault
-from serving.engine.kv_events import KVEventPublisher
 from serving.engine.iteration_stats import FinishedRequestStats, IterationStats, StatLogger
+from serving.engine.kv_events import KVEventPublisher
 from serving.engine.model_runner import ModelRunner, kv_bytes_per_block
 from serving.engine.outputs import RequestMetrics, RequestOutput
 from serving.engine.sampler import SamplingState, make_sampling_state
@@ -274,7 +274,7 @@ class LLMEngine:
             if token is None:
                 continue
             if iteration is not None:
-                self._count_token(iteration, tracked, now)
+                iteration.count_token(tracked.metrics, len(tracked.request.prompt_token_ids), now)
             if tracked.metrics.first_token_time is None:
                 tracked.metrics.first_token_time = now
             tracked.metrics.last_token_time = now
@@ -294,16 +294,6 @@ class LLMEngine:
             iteration.num_batched_tokens = sched_out.num_batched_tokens
             self._record_iteration()
         return outputs
-
-    @staticmethod
-    def _count_token(iteration: IterationStats, tracked: _Tracked, now: float) -> None:
-        metrics = tracked.metrics
-        iteration.num_generation_tokens += 1
-        if metrics.first_token_time is None:
-            iteration.num_prompt_tokens += len(tracked.request.prompt_token_ids)
-            iteration.time_to_first_tokens_s.append(now - metrics.arrival_time)
-        else:
-            iteration.inter_token_latencies_s.append(now - metrics.last_token_time)
 
     def _record_iteration(self) -> None:
         iteration, self._iteration = self._iteration, None
@@ -353,12 +343,8 @@ class LLMEngine:
         return out
 
     def _count_finished(self, tracked: _Tracked, reason: str) -> None:
-        m = tracked.metrics
-        finished = FinishedRequestStats(
-            finish_reason=reason, e2e_latency_s=m.finish_time - m.arrival_time,
-            queue_time_s=None if m.first_scheduled_time is None else m.first_scheduled_time - m.arrival_time,
-            num_prompt_tokens=len(tracked.request.prompt_token_ids),
-            num_generation_tokens=len(tracked.request.output_token_ids))
+        finished = FinishedRequestStats.of(tracked.metrics, reason, len(tracked.request.prompt_token_ids),
+                                           len(tracked.request.output_token_ids))
         if self._iteration is not None:
             self._iteration.finished.append(finished)
         else:  # an abort between steps
