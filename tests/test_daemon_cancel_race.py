@@ -48,6 +48,9 @@ class GatedEngine:
     def num_unfinished_requests(self) -> int:
         return len(self.tracked)
 
+    def close(self) -> None:  # nothing to release: no publisher, no model
+        pass
+
     def step(self):
         self.in_step.set()
         self.open_steps.wait()
