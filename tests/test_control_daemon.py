@@ -152,6 +152,13 @@ def test_every_response_carries_its_cost_and_has_its_ledger_row(daemon):
         max_tokens=6, temperature=0)), method="GenerateStream")
     assert unary.usage.cost_usd > 0 and stream[-1].usage.cost_usd > 0
     assert not any(c.usage.cost_usd for c in stream[:-1])
+    # Every answer says how it was served: the route, why, and what a cache or the optimizer saved.
+    route = f"self-hosted:{plain['model']}"
+    assert plain["frugal"] == {"route": route, "reason": "the only route: one self-hosted model", "cache": None,
+                               "similarity": None, "tokens_saved": 0}
+    assert chunks[-1]["frugal"]["route"] == route and all(c.get("frugal") is None for c in chunks[:-1])
+    assert unary.frugal.route == route and unary.frugal.reason and not unary.frugal.cache
+    assert stream[-1].frugal.route == route and not any(c.HasField("frugal") for c in stream[:-1])
     rows = {r.request_id: r for r in ledger_rows(daemon, tenant="costs")}
     for request_id, cost in [(plain["id"], plain["usage"]["cost_usd"]), (chunks[-1]["id"], chunks[-1]["usage"]["cost_usd"]),
                              (unary.request_id, unary.usage.cost_usd), (stream[-1].request_id, stream[-1].usage.cost_usd)]:

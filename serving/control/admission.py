@@ -55,6 +55,7 @@ class Admission:
     charges: list[Charge]  # rate-limit charges taken (token buckets get the unused part back)
     busy_s_cap: float | None  # per engine request, from a hard money budget; None: uncapped
     soft_over: list[str]  # soft budgets past their limit, described
+    route_reason: str = "the only route: one self-hosted model"  # why `route` serves it (the caller sees it)
     admission_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the reservation id
     started: float = field(default_factory=time.monotonic)
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)

@@ -9,8 +9,8 @@ from fastapi.responses import Response
 from serving.engine.outputs import RequestOutput
 from serving.http.errors import bad_request
 from serving.http.control import admit_job, authenticate
-from serving.http.generation import (Job, ServingContext, check_admission, check_text_param, make_job,
-                                     run_for_client, stop_reason, usage)
+from serving.http.generation import (Job, ServingContext, check_admission, check_text_param, frugal_info,
+                                     make_job, run_for_client, stop_reason, usage)
 from serving.http.logprobs import chat_logprobs, delta_rows
 from serving.http.protocol import ChatCompletionRequest
 from serving.http.responses import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
@@ -66,6 +66,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     want_logprobs = body.logprobs
     completion = ChatCompletion(
         id=job.request_id, created=job.created, model=state.model_name, usage=usage(job, finals, settlement),
+        frugal=frugal_info(job),
         choices=[ChatChoice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
                             stop_reason=stop_reason(out),
                             logprobs=chat_logprobs(out.logprobs or [], ctx.token_texts) if want_logprobs else None)

@@ -9,8 +9,8 @@ from fastapi.responses import Response
 from serving.engine.outputs import RequestOutput
 from serving.http.errors import bad_request
 from serving.http.control import admit_job, authenticate
-from serving.http.generation import (Job, ServingContext, check_admission, check_text_param, make_job,
-                                     run_for_client, stop_reason, usage)
+from serving.http.generation import (Job, ServingContext, check_admission, check_text_param, frugal_info,
+                                     make_job, run_for_client, stop_reason, usage)
 from serving.http.logprobs import completion_logprobs, delta_rows
 from serving.http.protocol import CompletionRequest
 from serving.http.responses import Completion, CompletionChoice
@@ -57,6 +57,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     want_logprobs = job.params.logprobs is not None
     completion = Completion(
         id=job.request_id, created=job.created, model=state.model_name, usage=usage(job, finals, settlement),
+        frugal=frugal_info(job),
         choices=[CompletionChoice(index=i, text=(echo[i] if echo else "") + out.text,
                                   finish_reason=out.finish_reason, stop_reason=stop_reason(out),
                                   logprobs=completion_logprobs(out.logprobs or [], ctx.token_texts, 0)

@@ -27,7 +27,7 @@ from serving.control.errors import ControlError
 from serving.http.errors import APIError, bad_request, control_api_error, from_engine_error, unavailable
 from serving.http.logprobs import TokenTexts
 from serving.http.protocol import ChatCompletionRequest, CompletionRequest
-from serving.http.responses import PromptTokensDetails, Usage
+from serving.http.responses import FrugalInfo, PromptTokensDetails, Usage
 from serving.limits import check_text
 from serving.server_state import ServerState
 
@@ -292,6 +292,13 @@ def stop_reason(out: RequestOutput) -> str | int | None:
     """The stop string or id that ended a choice; None unless it finished with "stop" (the engine also names
     the last token of a "length" finish)."""
     return out.stop_reason if out.finish_reason == "stop" else None
+
+
+def frugal_info(job: Job) -> FrugalInfo | None:
+    admission = job.admission
+    if admission is None:
+        return None
+    return FrugalInfo(route=admission.route, reason=admission.route_reason)
 
 
 def usage(job: Job, finals: dict[int, RequestOutput], settlement: Settlement | None = None) -> Usage:

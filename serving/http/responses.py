@@ -25,6 +25,16 @@ class Usage(BaseModel):
     cost_usd: float | None = None  # what the request cost (frugal extension; serving/control/cost.py)
 
 
+class FrugalInfo(BaseModel):
+    """How frugal served the request (an extension object; OpenAI clients ignore unknown fields)."""
+
+    route: str  # e.g. "self-hosted:<model>"
+    reason: str  # why this route
+    cache: Literal["exact", "semantic"] | None = None  # which response cache answered; None: none did
+    similarity: float | None = None  # of a semantic-cache hit
+    tokens_saved: int = 0  # prompt tokens the optimizer removed
+
+
 class TopLogprob(BaseModel):
     token: str  # the token's text
     logprob: float  # log-probability under the model (before temperature and top-p/top-k)
@@ -59,6 +69,7 @@ class ChatCompletion(BaseModel):
     model: str  # the served model
     choices: list[ChatChoice]  # ordered by index
     usage: Usage
+    frugal: FrugalInfo | None = None  # route, cache and savings
 
 
 class DeltaMessage(BaseModel):
@@ -82,6 +93,7 @@ class ChatCompletionChunk(BaseModel):
     model: str  # the served model
     choices: list[ChatChunkChoice]  # empty in the usage chunk
     usage: Usage | None = None  # only in the last chunk, when stream_options.include_usage
+    frugal: FrugalInfo | None = None  # in that last chunk too
 
 
 class CompletionLogprobs(BaseModel):
@@ -106,6 +118,7 @@ class Completion(BaseModel):
     model: str  # the served model
     choices: list[CompletionChoice]  # ordered by index; empty in the usage chunk of a stream
     usage: Usage | None = None  # on a full response, and on the last chunk when include_usage
+    frugal: FrugalInfo | None = None  # route, cache and savings, with the usage
 
 
 class ModelCard(BaseModel):

@@ -18,8 +18,8 @@ from starlette.types import Receive, Scope, Send
 
 from serving.engine.outputs import RequestOutput
 from serving.http.errors import APIError
-from serving.http.generation import (ChoiceOutput, GenerateRequest, Job, api_error, check_finished, collect, generate,
-                                     run_for_client, settle, usage)
+from serving.http.generation import (ChoiceOutput, GenerateRequest, Job, api_error, check_finished, collect,
+                                     frugal_info, generate, run_for_client, settle, usage)
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ async def sse_events(first: ChoiceOutput, outputs: AsyncIterator[ChoiceOutput], 
                      render: RenderChunk, usage_chunk: BaseModel | None,
                      to_api_error: Callable[[Exception], APIError | None]) -> AsyncIterator[str]:
     """The whole event stream of one response. `first` was already taken from `outputs`; `usage_chunk` is the
-    empty last chunk that will carry the usage (None: no usage chunk, and the usage with its cost rides on the
-    last choice's final chunk). The last chunk goes out only once the request's ledger row is committed."""
+    empty last chunk that will carry the usage and the `frugal` object (None: no usage chunk, and both ride on
+    the last choice's final chunk). The last chunk goes out only once the request's ledger row is committed."""
     finals: dict[int, RequestOutput] = {}
     settlement = None
     index, out = first
@@ -70,7 +70,8 @@ async def sse_events(first: ChoiceOutput, outputs: AsyncIterator[ChoiceOutput], 
             if out.finished and len(finals) == job.num_choices:
                 settlement = await settle(job)
                 if usage_chunk is None and chunk is not None:
-                    chunk = chunk.model_copy(update={"usage": usage(job, finals, settlement)})
+                    chunk = chunk.model_copy(update={"usage": usage(job, finals, settlement),
+                                                     "frugal": frugal_info(job)})
             if chunk is not None:
                 yield sse(chunk)
             try:
@@ -78,7 +79,8 @@ async def sse_events(first: ChoiceOutput, outputs: AsyncIterator[ChoiceOutput], 
             except StopAsyncIteration:
                 break
         if usage_chunk is not None:
-            yield sse(usage_chunk.model_copy(update={"usage": usage(job, finals, settlement)}))
+            yield sse(usage_chunk.model_copy(update={"usage": usage(job, finals, settlement),
+                                                     "frugal": frugal_info(job)}))
         yield DONE
     except Exception as e:  # after the headers, an error can only travel as an event
         err = to_api_error(e)

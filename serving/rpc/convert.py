@@ -162,16 +162,22 @@ def _stop_reason(out: RequestOutput) -> dict:
     return {}
 
 
-def response(out: RequestOutput, model: str, tokenizer, cost_usd: float = 0.0) -> pb.GenerateResponse:
+def frugal_info(route: str, reason: str) -> pb.FrugalInfo:
+    return pb.FrugalInfo(route=route, reason=reason)
+
+
+def response(out: RequestOutput, model: str, tokenizer, cost_usd: float = 0.0,
+             frugal: pb.FrugalInfo | None = None) -> pb.GenerateResponse:
     """The unary answer from a request's final output."""
-    return pb.GenerateResponse(
+    return pb.GenerateResponse(frugal=frugal,
         request_id=out.req_id, model=model, text=out.text, token_ids=out.token_ids,
         finish_reason=_FINISH_REASONS.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
         usage=usage(out, cost_usd),
         logprobs=token_logprobs(out.logprobs, tokenizer) if out.logprobs else [], **_stop_reason(out))
 
 
-def chunk(out: RequestOutput, model: str, tokenizer, cost_usd: float = 0.0) -> pb.GenerateStreamResponse:
+def chunk(out: RequestOutput, model: str, tokenizer, cost_usd: float = 0.0,
+          frugal: pb.FrugalInfo | None = None) -> pb.GenerateStreamResponse:
     """One stream chunk from an incremental output; the finished output also carries finish reason and usage."""
     delta_logprobs = []
     if out.logprobs and out.delta_token_ids:
@@ -181,6 +187,8 @@ def chunk(out: RequestOutput, model: str, tokenizer, cost_usd: float = 0.0) -> p
     if out.finished:
         msg.finish_reason = _FINISH_REASONS.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
         msg.usage.CopyFrom(usage(out, cost_usd))
+        if frugal is not None:
+            msg.frugal.CopyFrom(frugal)
         for name, value in _stop_reason(out).items():
             setattr(msg, name, value)
     return msg

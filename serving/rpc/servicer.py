@@ -91,7 +91,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         finally:
             call.admission.close()
         _log_finished(call, final, settlement)
-        return convert.response(final, state.model_name, state.tokenizers.loop_tokenizer, settlement.cost_usd)
+        return convert.response(final, state.model_name, state.tokenizers.loop_tokenizer, settlement.cost_usd,
+                                convert.frugal_info(call.admission.route, call.admission.route_reason))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> None:
         # NOTE: a coroutine that writes, not an async generator: a cancelled call then raises CancelledError right
@@ -108,8 +109,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                             self._check_failed(out)
                             settlement = await call.admission.settled()  # the row is committed before the end
                             cost = settlement.cost_usd
+                        frugal = convert.frugal_info(call.admission.route, call.admission.route_reason) \
+                            if out.finished else None
                         await context.write(convert.chunk(out, state.model_name, state.tokenizers.loop_tokenizer,
-                                                          cost))
+                                                          cost, frugal))
         finally:
             call.admission.close()
         _log_finished(call, final, settlement)
