@@ -7,6 +7,7 @@ import sys
 import time
 
 from serving.cli_control import add_keys, add_report, cmd_keys, cmd_report
+from serving.cli_router import add_router, cmd_router
 
 SAMPLE_PROMPTS = [
     "What is the capital of France?",
@@ -140,12 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_quantize(sub)
     add_keys(sub)
     add_report(sub)
+    add_router(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import serving  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 
     commands = {"generate": cmd_generate, "serve": cmd_serve, "chat": cmd_chat, "quantize": cmd_quantize,
-                "keys": cmd_keys, "report": cmd_report}
+                "keys": cmd_keys, "report": cmd_report, "router": cmd_router}
     return commands[args.command](args)
 
 
