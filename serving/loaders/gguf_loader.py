@@ -23,7 +23,8 @@ from serving.quant.install import fuse_rows, permute_rows
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")  # the Llama-family model code
+GEMMA3_ARCH = "gemma3"  # serving/models/gemma3.py, loaded by serving/loaders/gemma3_loader.py
 # llama.cpp's converter permutes Q/K rows only for these; Qwen2 is stored in the neox layout already.
 _PERMUTED_QK_ARCHS = ("llama", "mistral")
 
@@ -79,9 +80,13 @@ def refuse_leftovers(names, where: str) -> None:
 
 def gguf_model_args(reader) -> ModelArgs:
     arch = _field(reader, "general.architecture")
+    if arch == GEMMA3_ARCH:
+        from serving.loaders.gemma3_loader import gemma3_gguf_args
+
+        return gemma3_gguf_args(reader)
     if arch not in SUPPORTED_ARCHS:
         raise CheckpointError(f"unsupported architecture {arch!r} in GGUF file; supported: "
-                              f"{', '.join(SUPPORTED_ARCHS)}")
+                              f"{', '.join((*SUPPORTED_ARCHS, GEMMA3_ARCH))}")
     num_heads = int(_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
     head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // num_heads))
@@ -168,20 +173,11 @@ def load_gguf_state_dict(reader, args: ModelArgs, quantization: str = "none") ->
     Under a `quantization` policy other than "none", linear weights are QuantizedWeight objects instead
     (see serving/quant/gguf_import.py); fusing and the Q/K un-permutation act on their packed rows.
     """
-    raw = {}
-    for tensor in reader.tensors:
-        try:
-            if quantization != "none" and _is_linear(tensor):
-                raw[tensor.name] = gguf_tensor_to_weight(tensor, quantization)
-            elif quantization == "auto" and tensor.name == "token_embd.weight" and \
-                    tensor.tensor_type.name in LOSSLESS_TYPES:
-                # NOTE: only a losslessly packed table stays packed; a K-quant embedding is not requantized
-                raw[tensor.name] = import_gguf_blocks(tensor.tensor_type.name, tensor.data,
-                                                      (int(tensor.shape[1]), int(tensor.shape[0])))
-            else:
-                raw[tensor.name] = _dequantize(tensor)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {tensor.name} ({tensor.tensor_type.name}): {e}") from e
+    if args.arch == GEMMA3_ARCH:
+        from serving.loaders.gemma3_loader import load_gemma3_gguf_state_dict
+
+        return load_gemma3_gguf_state_dict(reader, args, quantization)
+    raw = read_gguf_tensors(reader, quantization)
     state = {"embed_tokens.weight": _take(raw, "token_embd.weight"), "norm.weight": _take(raw, "output_norm.weight")}
     if not args.tie_word_embeddings:
         state["lm_head.weight"] = _take(raw, "output.weight")
@@ -209,6 +205,25 @@ def load_gguf_state_dict(reader, args: ModelArgs, quantization: str = "none") ->
         _take(raw, ROPE_FREQS)  # already in args, read by gguf_model_args
     refuse_leftovers(raw, "GGUF file")
     return state
+
+
+def read_gguf_tensors(reader, quantization: str) -> dict:
+    """Every tensor of the file by its GGUF name: float32, or packed (QuantizedWeight) under `quantization`."""
+    raw = {}
+    for tensor in reader.tensors:
+        try:
+            if quantization != "none" and _is_linear(tensor):
+                raw[tensor.name] = gguf_tensor_to_weight(tensor, quantization)
+            elif quantization == "auto" and tensor.name == "token_embd.weight" and \
+                    tensor.tensor_type.name in LOSSLESS_TYPES:
+                # NOTE: only a losslessly packed table stays packed; a K-quant embedding is not requantized
+                raw[tensor.name] = import_gguf_blocks(tensor.tensor_type.name, tensor.data,
+                                                      (int(tensor.shape[1]), int(tensor.shape[0])))
+            else:
+                raw[tensor.name] = _dequantize(tensor)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {tensor.name} ({tensor.tensor_type.name}): {e}") from e
+    return raw
 
 
 def _is_linear(tensor) -> bool:

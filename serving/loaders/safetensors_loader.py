@@ -8,6 +8,8 @@ import re
 
 import torch
 
+from serving.loaders.gemma3_loader import HF_MODEL_TYPE as GEMMA3_TYPE
+from serving.loaders.gemma3_loader import gemma3_hf_args, load_gemma3_safetensors_state_dict
 from serving.loaders.gguf_loader import CheckpointError, refuse_leftovers
 from serving.models.llama import ModelArgs
 
@@ -33,9 +35,11 @@ def hf_model_args(model_dir: str) -> ModelArgs:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
     model_type = cfg.get("model_type")
+    if model_type == GEMMA3_TYPE:
+        return gemma3_hf_args(cfg, config_path)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"unsupported model_type {model_type!r} in {config_path}; supported: "
-                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+                              f"{', '.join((*SUPPORTED_MODEL_TYPES, GEMMA3_TYPE))}")
     num_heads = cfg["num_attention_heads"]
     eos = cfg.get("eos_token_id")
     rope_scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
@@ -81,6 +85,10 @@ def read_tensors(model_dir: str) -> dict[str, torch.Tensor]:
 
 def load_safetensors_state_dict(model_dir: str, args: ModelArgs) -> dict[str, torch.Tensor]:
     raw = read_tensors(model_dir)
+    if args.arch == "gemma3":
+        state = load_gemma3_safetensors_state_dict(raw, args, model_dir)
+        refuse_hf_leftovers(raw, state, args, model_dir)
+        return state
 
     def take(name: str) -> torch.Tensor:
         if name not in raw:

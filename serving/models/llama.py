@@ -141,6 +141,11 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.build_rope()
+
+    def build_rope(self) -> None:
+        """The rope tables (buffers computed here, so rebuilt for real after a meta-device init)."""
+        args = self.args
         self.rope = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta,
                                     args.rope_scaling, freq_factors=args.rope_freq_factors)
 
