@@ -46,6 +46,8 @@ class LedgerRow:
     latency_ms: float
     status: str  # ok | cancelled | failed
     error_code: str | None
+    cache: str | None = None  # exact | semantic when a response cache answered
+    saved_usd: float | None = None  # what that hit saved
 
 
 @dataclass(slots=True)

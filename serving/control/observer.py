@@ -21,5 +21,8 @@ class ControlObserver:
     def settled(self, admission: "Admission", settlement: "Settlement") -> None:
         """A request ended and its real cost is known (its ledger row is queued or committed)."""
 
+    def cache_lookup(self, ctx: "RequestContext", kind: str, hit: bool, saved_usd: float) -> None:
+        """A response cache (`kind`: exact or semantic) was asked; `saved_usd` is what a hit saved."""
+
     def outcome(self, ctx: "RequestContext", outcome: str, task_cost_usd: float) -> None:
         """A task's outcome was reported; `task_cost_usd` is what the task's calls cost in all."""

@@ -26,7 +26,7 @@ from serving.control.context import DEFAULT_TENANT, Caller, RequestContext
 from serving.control.cost import CostModel
 from serving.control.errors import ControlError, ControlUnavailable, ModelNotAllowed, TaskNotFound
 from serving.control.keys import KeyStore
-from serving.control.ledger import Ledger
+from serving.control.ledger import Ledger, LedgerRow
 from serving.control.observer import ControlObserver
 from serving.control.ratelimit import Charge, LocalLimiter, RedisLimiter
 from serving.control.store import open_database
@@ -75,6 +75,7 @@ class ControlPlane:
         self._workers: list[asyncio.Task] = []
         self.num_soft_exceeded = 0  # soft-budget overruns since start
         self.observer = ControlObserver()  # the metrics, once the daemon installs them
+        self.caches = None  # serving.control.caches.ResponseCaches when caches: enables one
         self._engine_time_mark: tuple[float | None, float] = (None, 0.0)  # (UNIX s, busy s) of the last row
 
     @classmethod
@@ -126,7 +127,7 @@ class ControlPlane:
     def _settled(self, task: asyncio.Task) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.error("settling a request failed: %s", task.exception())
+            logger.error("background work of a request failed: %s", task.exception())
 
     # -- admission ---------------------------------------------------------------------------------------
     async def authenticate(self, caller: Caller) -> RequestContext:
@@ -229,6 +230,45 @@ class ControlPlane:
                 admission.max_tokens = min(admission.max_tokens, line.config.fallback.max_tokens)
         self.observer.admitted(admission)
         return admission
+
+    # -- response caches ---------------------------------------------------------------------------------
+    async def cached_answer(self, ctx: RequestContext, request) -> "CacheHit | None":
+        """The exact cache, then the semantic one; None when neither holds an answer (or none is on)."""
+        caches = self.caches
+        if caches is None:
+            return None
+        for kind, cache in (("exact", caches.exact), ("semantic", caches.semantic)):
+            if not cache.config.enabled:
+                continue
+            hit = await cache.get(request)
+            self.observer.cache_lookup(ctx, kind, hit is not None, hit.saved_usd if hit is not None else 0.0)
+            if hit is not None:
+                return hit
+        return None
+
+    async def record_cache_hit(self, ctx: RequestContext, request_id: str, model: str, hit, prompt_tokens: int,
+                               latency_ms: float) -> None:
+        """The ledger row of an answer a cache gave: it cost nothing and saved what the original cost."""
+        import uuid
+
+        row = LedgerRow(ts=time.time(), request_id=request_id, admission_id=uuid.uuid4().hex, replica=self.replica,
+                        tenant=ctx.tenant, key_id=ctx.key_id, workflow=ctx.workflow_id, task=ctx.task_id,
+                        model=model, route=f"cache:{hit.kind}", prompt_tokens=prompt_tokens,
+                        completion_tokens=hit.response.completion_tokens, cached_tokens=0, cost_usd=0.0, busy_s=0.0,
+                        ttft_ms=latency_ms, latency_ms=latency_ms, status="ok", error_code=None, cache=hit.kind,
+                        saved_usd=hit.saved_usd)
+        await self.ledger.commit_request(row)
+
+    def remember_answer(self, request, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+                        cost_usd: float, model: str) -> None:
+        """Stores a finished answer in the caches that take it, in the background: the answer does not wait
+        for the embedding, and a failure is logged (`track`), never the caller's."""
+        if self.caches is None:
+            return
+        from serving.control.caches import CachedResponse
+
+        answer = CachedResponse(text, finish_reason, prompt_tokens, completion_tokens, cost_usd, model)
+        self.track(asyncio.ensure_future(self.caches.store(request, answer)))
 
     async def release(self, admission: Admission) -> None:
         """The engine took none of it: nothing was spent."""

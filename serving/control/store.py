@@ -49,6 +49,8 @@ requests = sa.Table(
     sa.Column("latency_ms", sa.Float, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),  # ok | cancelled | failed
     sa.Column("error_code", sa.String(64), nullable=True),
+    sa.Column("cache", sa.String(16), nullable=True),  # exact | semantic: a response cache answered; NULL: none
+    sa.Column("saved_usd", sa.Float, nullable=True),  # what a cache hit saved (the original request's cost)
 )
 
 outcomes = sa.Table(
@@ -106,4 +108,19 @@ def open_database(url: str) -> sa.Engine:
         metadata.create_all(engine)
     except sa.exc.ProgrammingError:
         metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    """A ledger written by an older version gains the nullable columns added since (create_all adds tables,
+    never columns). Only nullable columns are ever added to these tables, so this is the whole migration."""
+    inspector = sa.inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have:
+                    assert column.nullable, f"{table.name}.{column.name} must be nullable to be added later"
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))

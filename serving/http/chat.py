@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from serving.engine.outputs import RequestOutput
+from serving.http.cached import cache_request, cached_chat_response, elapsed_ms
 from serving.http.errors import bad_request
 from serving.http.control import admit_job, authenticate
 from serving.http.generation import (Job, ServingContext, check_admission, check_text_param, frugal_info,
@@ -37,10 +39,10 @@ def _template_messages(ctx: ServingContext, body: ChatCompletionRequest) -> list
     return messages
 
 
-async def _prompt_ids(ctx: ServingContext, body: ChatCompletionRequest) -> list[int]:
+async def _prompt_ids(ctx: ServingContext, body: ChatCompletionRequest) -> tuple[list[dict], list[int]]:
     messages = _template_messages(ctx, body)
     try:
-        return await ctx.state.tokenizers.chat(messages)
+        return messages, await ctx.state.tokenizers.chat(messages)
     except ValueError as e:
         raise bad_request(str(e), "messages")
 
@@ -52,10 +54,19 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
     state.limits.check_logprobs(body.top_logprobs, "top_logprobs")
-    ids = await run_for_client(request, state, body, _prompt_ids(ctx, body))
+    started = time.monotonic()
+    messages, ids = await run_for_client(request, state, body, _prompt_ids(ctx, body))
     job = make_job(state, body, caller, "chatcmpl", [ids], [None], logprobs=body.engine_logprobs,
                    default_max_tokens=None)
     logger.debug("%s: %d prompt tokens, user %r", job.request_id, len(ids), body.user)
+    cache_req = None
+    if state.control.caches is not None:
+        cache_req = cache_request(request, job, messages, f"self-hosted:{state.model_name}")
+        hit = await state.control.cached_answer(job.ctx, cache_req) if cache_req is not None else None
+        if hit is not None:
+            await state.control.record_cache_hit(job.ctx, job.request_id, state.model_name, hit, len(ids),
+                                                 elapsed_ms(started))
+            return cached_chat_response(job, state.model_name, len(ids), hit, body.stream, body.include_usage)
     await admit_job(state, job)
     usage_chunk = ChatCompletionChunk(id=job.request_id, created=job.created, model=state.model_name, choices=[])
     result = await run_job(request, state, body, job, lambda: _prelude(job, state.model_name),
@@ -71,6 +82,10 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
                             stop_reason=stop_reason(out),
                             logprobs=chat_logprobs(out.logprobs or [], ctx.token_texts) if want_logprobs else None)
                  for i, out in finals.items()])
+    if cache_req is not None and settlement.status == "ok" and len(finals) == 1:
+        out = finals[0]
+        state.control.remember_answer(cache_req, out.text, out.finish_reason, len(ids), len(out.token_ids),
+                                            settlement.cost_usd, state.model_name)
     return Response(completion.model_dump_json(), media_type="application/json",
                     headers={"x-request-id": job.request_id})
 

@@ -56,6 +56,15 @@ class ControlMetrics(ControlObserver):
         escalations = Counter(names.ESCALATIONS.removesuffix("_total"), "Requests escalated to a stronger route.",
                               ["model_name"], registry=registry)
         self.escalations = {m: escalations.labels(m) for m in model_names}
+        self.cache_queries, self.cache_hits = {}, {}
+        for kind, queries, hits in (("exact", names.EXACT_CACHE_QUERIES, names.EXACT_CACHE_HITS),
+                                    ("semantic", names.SEMANTIC_CACHE_QUERIES, names.SEMANTIC_CACHE_HITS)):
+            self.cache_queries[kind] = Counter(queries.removesuffix("_total"), f"{kind.title()} response-cache "
+                                               "lookups.", registry=registry)
+            self.cache_hits[kind] = Counter(hits.removesuffix("_total"), f"{kind.title()} response-cache hits.",
+                                            registry=registry)
+        self.cache_saved = Counter(names.CACHE_SAVED_USD.removesuffix("_total"), "What response-cache hits saved, "
+                                   "in USD (the cost of the answers they reused).", ["tenant"], registry=registry)
         self._lines: dict[str, BudgetLine] = {}  # budget lines with a known subject, by key
         self._remaining: list[tuple[BudgetLine, float | None, int | None]] = []  # the latest refresh
         for budget in plane.config.budgets:
@@ -86,6 +95,12 @@ class ControlMetrics(ControlObserver):
         self.requests.labels(tenant, admission.model, settlement.status).inc()
         if settlement.status != "refused":
             self.cost.labels(tenant, self.workflows.label(ctx.workflow_id), admission.model).inc(settlement.cost_usd)
+
+    def cache_lookup(self, ctx: RequestContext, kind: str, hit: bool, saved_usd: float) -> None:
+        self.cache_queries[kind].inc()
+        if hit:
+            self.cache_hits[kind].inc()
+            self.cache_saved.labels(self._tenant(ctx)).inc(saved_usd)
 
     def outcome(self, ctx: RequestContext, outcome: str, task_cost_usd: float) -> None:
         self.tasks[outcome].inc()

@@ -42,6 +42,11 @@ RATE_LIMITED = "frugal:rate_limited_total"  # counter by tenant: requests refuse
 BUDGET_REFUSALS = "frugal:budget_refusals_total"  # counter by tenant: requests refused by a budget
 TASKS = "frugal:tasks_total"  # counter by outcome (resolved | escalated | failed)
 TASK_COST_USD = "frugal:task_cost_usd_total"  # counter by outcome: what the tasks with that outcome cost
+EXACT_CACHE_QUERIES = "frugal:exact_cache_queries_total"  # counter: exact response-cache lookups
+EXACT_CACHE_HITS = "frugal:exact_cache_hits_total"  # counter: of those, answered from the cache
+SEMANTIC_CACHE_QUERIES = "frugal:semantic_cache_queries_total"  # counter: semantic lookups (after an exact miss)
+SEMANTIC_CACHE_HITS = "frugal:semantic_cache_hits_total"  # counter: of those, answered from the cache
+CACHE_SAVED_USD = "frugal:cache_saved_usd_total"  # counter by tenant: what cache hits saved (the answers' cost)
 ESCALATIONS = "frugal:escalations_total"  # counter by model_name: requests escalated to a stronger route
 
 # -- GPU (nvidia-ml-py; absent without one) -----------------------------------------------------------------------

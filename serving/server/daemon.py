@@ -52,6 +52,12 @@ def build_state(config: ServeConfig) -> ServerState:
                 control.db.url.render_as_string(hide_password=True),
                 "redis" if config.control.redis_url else "in process", len(config.control.budgets))
     async_llm = AsyncLLM(engine=engine)
+    if config.caches.exact.enabled or config.caches.semantic.enabled:
+        from serving.control.caches import ResponseCaches
+
+        control.caches = ResponseCaches.open(config.caches, redis_client=control.redis)
+        logger.info("response caches: exact %s, semantic %s (%s)", config.caches.exact.enabled,
+                    config.caches.semantic.enabled, "redis" if control.redis is not None else "in process")
     metrics = None
     if config.metrics.enabled:
         from serving.metrics.registry import Metrics

@@ -1,0 +1,133 @@
+"""The response caches in a real daemon: a repeated chat request is answered by the exact cache, a paraphrase by
+the semantic cache (with its similarity), a changed order number is not; hits cost nothing, their ledger rows
+record what they saved, the metrics count them, streams are served too, and a tenant never gets another
+tenant's answer."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from daemon_process import REPO_ROOT, DaemonProcess
+from serving.control.store import requests as ledger
+from serving.metrics import names
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    proc = DaemonProcess(tmp_path_factory.mktemp("caches"), http=True, control={"auth": "keys"},
+                         caches={"exact": {"enabled": True}, "semantic": {"enabled": True}},
+                         engine={"kv_cache_memory_bytes": "64MiB", "max_model_len": 512})
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def create_key(daemon, tenant) -> str:
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "keys", "create", "--tenant", tenant, "--json",
+                             "--config", str(daemon.config_path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])["key"]
+
+
+def chat(daemon, key, question, headers=None, **extra):
+    body = {"messages": [{"role": "system", "content": "You are the support desk of Acme."},
+                         {"role": "user", "content": question}], "max_tokens": 96, "stop": ["\n"], "temperature": 0, **extra}
+    resp = httpx.post(f"http://127.0.0.1:{daemon.http_port}/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {key}", **(headers or {})})
+    assert resp.status_code == 200, resp.text
+    return resp
+
+
+def until_cached(daemon, key, question, kind="exact"):
+    """Answers are stored in the background, after the response: ask until the cache answers."""
+    deadline = time.monotonic() + 30
+    while True:
+        resp = chat(daemon, key, question).json()
+        if resp["frugal"]["cache"] == kind:
+            return resp
+        assert time.monotonic() < deadline, f"never served from the {kind} cache: {resp['frugal']}"
+        time.sleep(0.2)
+
+
+def ledger_rows(daemon):
+    engine = sa.create_engine(f"sqlite:///{daemon.config_path.parent / 'frugal.db'}")
+    try:
+        with engine.connect() as conn:
+            return {r.request_id: r for r in conn.execute(sa.select(ledger)).fetchall()}
+    finally:
+        engine.dispose()
+
+
+def metric(daemon, name, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{daemon.http_port}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise AssertionError(f"{name} {labels} not exported")
+
+
+def test_exact_and_semantic_hits_cost_nothing_and_record_their_savings(daemon):
+    key = create_key(daemon, "acme")
+    first = chat(daemon, key, "How do I reset my password?").json()
+    assert first["frugal"]["cache"] is None and first["usage"]["cost_usd"] > 0
+    # NOTE: the semantic cache keeps complete answers only, so the answers here must end by themselves.
+    assert first["choices"][0]["finish_reason"] == "stop"
+    hit = until_cached(daemon, key, "How do I reset my password?")
+    assert hit["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    assert hit["usage"]["cost_usd"] == 0 and hit["frugal"]["route"] == "cache:exact"
+    assert hit["frugal"]["similarity"] == 1.0
+    rows = ledger_rows(daemon)
+    assert rows[hit["id"]].cost_usd == 0 and rows[hit["id"]].cache == "exact"
+    assert rows[hit["id"]].saved_usd == pytest.approx(first["usage"]["cost_usd"])
+
+    paraphrase = chat(daemon, key, "How can I reset my password?").json()
+    assert paraphrase["frugal"]["cache"] == "semantic", paraphrase["frugal"]
+    assert 0.85 <= paraphrase["frugal"]["similarity"] < 1.0
+    assert paraphrase["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+
+    # A changed order number is another question: the guard refuses the near neighbour, the model answers.
+    chat(daemon, key, "Please refund order 1234.")
+    time.sleep(1.0)  # its answer is stored in the background
+    other = chat(daemon, key, "Please refund order 5678.").json()
+    assert other["frugal"]["cache"] is None and other["usage"]["cost_usd"] > 0
+
+    assert chat(daemon, key, "How do I reset my password?", {"x-frugal-cache": "off"}).json()["frugal"]["cache"] \
+        is None
+    assert metric(daemon, names.EXACT_CACHE_HITS) >= 1 and metric(daemon, names.SEMANTIC_CACHE_HITS) >= 1
+    assert metric(daemon, names.CACHE_SAVED_USD, tenant="acme") >= rows[hit["id"]].saved_usd
+
+
+def test_a_stream_is_served_from_the_cache(daemon):
+    key = create_key(daemon, "streamer")
+    first = chat(daemon, key, "What are your opening hours?").json()
+    until_cached(daemon, key, "What are your opening hours?")
+    resp = chat(daemon, key, "What are your opening hours?", stream=True, stream_options={"include_usage": True})
+    chunks = [json.loads(line[6:]) for line in resp.text.splitlines() if line.startswith("data: {")]
+    assert resp.text.rstrip().endswith("data: [DONE]")
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == first["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["cost_usd"] == 0
+    assert chunks[-1]["frugal"]["cache"] == "exact"
+
+
+def test_a_tenant_never_gets_another_tenants_answer(daemon):
+    owner = create_key(daemon, "owner")
+    chat(daemon, owner, "Where is my invoice for March?")
+    until_cached(daemon, owner, "Where is my invoice for March?")
+    assert chat(daemon, owner, "Where can I find my invoice for March?").json()["frugal"]["cache"] == "semantic"
+    # Each stranger asks once (its own answer is stored after it), so any hit could only be the owner's.
+    for i, question in enumerate(("Where is my invoice for March?", "Where can I find my invoice for March?")):
+        stranger = create_key(daemon, f"stranger-{i}")
+        assert chat(daemon, stranger, question).json()["frugal"]["cache"] is None
