@@ -34,6 +34,7 @@ class ServerState:
     retry_after_ms: int = 1000  # hint sent with a queue-full refusal (gRPC trailer / HTTP Retry-After)
     created: int = field(default_factory=lambda: int(time.time()))  # unix seconds; OpenAI's `created` field
     metrics: "Metrics | None" = None  # what GET /metrics renders; None: metrics are off
+    optimizer: object = None  # serving.control.optimizer.OptimizerConfig: the prompt steps per tenant and route
 
     def is_ready(self) -> bool:
         """True while new requests are welcome: warmed up, not draining, engine alive."""

@@ -1,7 +1,8 @@
 """The response caches in a real daemon: a repeated chat request is answered by the exact cache, a paraphrase by
 the semantic cache (with its similarity), a changed order number is not; hits cost nothing, their ledger rows
 record what they saved, the metrics count them, streams are served too, and a tenant never gets another
-tenant's answer."""
+tenant's answer. And the prompt optimizer on the same path: a tenant with its steps on sends fewer tokens, the
+relevant context chunks only, and is told (and billed) for what it saved."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.slow
 def daemon(tmp_path_factory):
     proc = DaemonProcess(tmp_path_factory.mktemp("caches"), http=True, control={"auth": "keys"},
                          caches={"exact": {"enabled": True}, "semantic": {"enabled": True}},
+                         optimizer={"tenants": {"lean": {"whitespace": True, "dedupe": True, "max_tokens_cap": 8,
+                                                         "context": {"max_tokens": 120, "min_similarity": 0.3}}}},
                          engine={"kv_cache_memory_bytes": "64MiB", "max_model_len": 512})
     proc.start()
     yield proc
@@ -131,3 +134,39 @@ def test_a_tenant_never_gets_another_tenants_answer(daemon):
     for i, question in enumerate(("Where is my invoice for March?", "Where can I find my invoice for March?")):
         stranger = create_key(daemon, f"stranger-{i}")
         assert chat(daemon, stranger, question).json()["frugal"]["cache"] is None
+
+
+REFUND_CHUNKS = [
+    "Shipping: orders leave our warehouse within two business days.",
+    "Refunds: a refund goes back to the original payment method within 5 to 10 business days.",
+    "Passwords: reset yours from the sign-in page with the Forgot password link.",
+    "Invoices: every invoice is in Billing, under Documents, as a PDF.",
+    "Refunds: to ask for a refund, open the order and choose Request a refund within 30 days.",
+    "API keys: create and revoke keys in Settings, under Developers.",
+]
+
+
+def test_the_optimizer_sends_fewer_tokens_and_reports_them(daemon):
+    keys = {tenant: create_key(daemon, tenant) for tenant in ("lean", "plain")}
+    instruction = "Always answer politely and in one sentence, and never promise a date you cannot keep."
+    body = {"messages": [{"role": "system", "content": f"You are Acme's support desk.\n\n{instruction}"},
+                         {"role": "user", "content": f"{instruction}\n\nHow   do I    get my money back?"}],
+            "context_chunks": REFUND_CHUNKS, "max_tokens": 32, "temperature": 0}
+    answers = {}
+    for tenant, key in keys.items():
+        resp = httpx.post(f"http://127.0.0.1:{daemon.http_port}/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {key}", "x-frugal-cache": "off"})
+        assert resp.status_code == 200, resp.text
+        answers[tenant] = resp.json()
+    lean, plain = answers["lean"], answers["plain"]
+    assert plain["frugal"]["tokens_saved"] == 0  # no step for this tenant: every chunk goes in, nothing removed
+    saved = lean["frugal"]["tokens_saved"]
+    assert saved > 0 and lean["usage"]["prompt_tokens"] < plain["usage"]["prompt_tokens"]
+    assert lean["usage"]["completion_tokens"] <= 8  # the cap
+    rows = ledger_rows(daemon)
+    assert rows[lean["id"]].tokens_saved == saved
+    assert metric(daemon, names.TOKENS_SAVED, tenant="lean") >= saved
+    bad = httpx.post(f"http://127.0.0.1:{daemon.http_port}/v1/chat/completions", timeout=60,
+                     headers={"Authorization": f"Bearer {keys['lean']}"},
+                     json={**body, "messages": [{"role": "system", "content": "Only a system prompt."}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "context_chunks"

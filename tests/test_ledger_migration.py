@@ -1,4 +1,4 @@
-"""A ledger written before the cache columns existed opens with them added, its rows kept."""
+"""A ledger written before the cache and optimizer columns existed opens with them added, its rows kept."""
 import sqlalchemy as sa
 
 from serving.control.store import open_database, requests
@@ -8,7 +8,7 @@ def test_an_older_ledger_gains_the_new_columns(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
     old = sa.MetaData()
     sa.Table("requests", old, *[sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
-                                for c in requests.columns if c.name not in ("cache", "saved_usd")])
+                                for c in requests.columns if c.name not in ("cache", "saved_usd", "tokens_saved")])
     engine = sa.create_engine(url)
     old.create_all(engine)
     with engine.begin() as conn:
@@ -19,7 +19,7 @@ def test_an_older_ledger_gains_the_new_columns(tmp_path):
 
     engine = open_database(url)
     columns = {c["name"] for c in sa.inspect(engine).get_columns("requests")}
-    assert {"cache", "saved_usd"} <= columns
+    assert {"cache", "saved_usd", "tokens_saved"} <= columns
     with engine.begin() as conn:
         conn.execute(requests.insert().values(ts=2, request_id="r2", admission_id="a2", replica="x", tenant="t",
                                               model="m", route="cache:exact", prompt_tokens=1, completion_tokens=1,

@@ -56,6 +56,7 @@ class Admission:
     busy_s_cap: float | None  # per engine request, from a hard money budget; None: uncapped
     soft_over: list[str]  # soft budgets past their limit, described
     route_reason: str = "the only route: one self-hosted model"  # why `route` serves it (the caller sees it)
+    tokens_saved: int = 0  # prompt tokens the optimizer removed before admission
     admission_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the reservation id
     started: float = field(default_factory=time.monotonic)
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
@@ -125,7 +126,8 @@ class Admission:
             tenant=ctx.tenant, key_id=ctx.key_id, workflow=ctx.workflow_id, task=ctx.task_id, model=self.model,
             route=self.route, prompt_tokens=self.prompt_tokens, completion_tokens=completion, cached_tokens=cached,
             cost_usd=cost, busy_s=busy_s, ttft_ms=1000 * min(first_tokens) if first_tokens else None,
-            latency_ms=1000 * (time.monotonic() - self.started), status=status, error_code=error_code)
+            latency_ms=1000 * (time.monotonic() - self.started), status=status, error_code=error_code,
+            tokens_saved=self.tokens_saved)
         settlement = Settlement(status, cost, self.prompt_tokens, completion, cached, busy_s)
         try:
             await plane.ledger.commit_request(row)

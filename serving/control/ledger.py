@@ -48,6 +48,7 @@ class LedgerRow:
     error_code: str | None
     cache: str | None = None  # exact | semantic when a response cache answered
     saved_usd: float | None = None  # what that hit saved
+    tokens_saved: int | None = None  # prompt tokens the optimizer removed
 
 
 @dataclass(slots=True)

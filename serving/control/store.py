@@ -51,6 +51,7 @@ requests = sa.Table(
     sa.Column("error_code", sa.String(64), nullable=True),
     sa.Column("cache", sa.String(16), nullable=True),  # exact | semantic: a response cache answered; NULL: none
     sa.Column("saved_usd", sa.Float, nullable=True),  # what a cache hit saved (the original request's cost)
+    sa.Column("tokens_saved", sa.Integer, nullable=True),  # prompt tokens the optimizer removed
 )
 
 outcomes = sa.Table(

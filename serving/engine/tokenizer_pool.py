@@ -13,9 +13,12 @@ import asyncio
 import copy
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
 
 from scheduler import QueueFullError
 from serving.engine.chat import chat_prompt_ids
+
+T = TypeVar("T")
 
 # NOTE: a worker spends milliseconds on a typical prompt; 256 queued jobs is already seconds of backlog.
 DEFAULT_MAX_PENDING = 256
@@ -40,6 +43,10 @@ class TokenizerPool:
         """Renders messages with the model's chat template and tokenizes them. Raises ValueError like
         serving.engine.chat.chat_prompt_ids."""
         return await self._run(lambda tok: chat_prompt_ids(tok, messages))
+
+    async def run(self, job: Callable[[object], T]) -> T:
+        """Any work that needs a tokenizer (the prompt optimizer's token counts), on a worker's own copy."""
+        return await self._run(job)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -58,7 +58,8 @@ def cached_chat_response(job: Job, model: str, num_prompt_tokens: int, hit: Cach
                   prompt_tokens_details=PromptTokensDetails(cached_tokens=0), cost_usd=0.0)
     headers = {"x-request-id": job.request_id}
     if not stream:
-        body = ChatCompletion(id=job.request_id, created=job.created, model=model, usage=usage, frugal=_info(hit),
+        body = ChatCompletion(id=job.request_id, created=job.created, model=model, usage=usage,
+                              frugal=_info(hit, job.tokens_saved),
                               choices=[ChatChoice(index=0, message=AssistantMessage(content=answer.text),
                                                   finish_reason=answer.finish_reason)])
         return Response(body.model_dump_json(), media_type="application/json", headers=headers)
@@ -74,7 +75,7 @@ def cached_chat_response(job: Job, model: str, num_prompt_tokens: int, hit: Cach
         if include_usage:
             yield sse(last)
             last = ChatCompletionChunk(id=job.request_id, created=job.created, model=model, choices=[])
-        yield sse(last.model_copy(update={"usage": usage, "frugal": _info(hit)}))
+        yield sse(last.model_copy(update={"usage": usage, "frugal": _info(hit, job.tokens_saved)}))
         yield DONE
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: messages through the model's chat template, one answer per choice."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -39,10 +40,39 @@ def _template_messages(ctx: ServingContext, body: ChatCompletionRequest) -> list
     return messages
 
 
-async def _prompt_ids(ctx: ServingContext, body: ChatCompletionRequest) -> tuple[list[dict], list[int]]:
-    messages = _template_messages(ctx, body)
+async def _optimized(ctx: ServingContext, body: ChatCompletionRequest, tenant: str, messages: list[dict]):
+    """The prompt optimizer's result (serving/control/optimizer/), or None when it has nothing to do: no step
+    applies to this tenant and route, and no context chunks came."""
+    from serving.control.optimizer import OptimizerPlan, optimize, tokenizer_counter
+
+    state, chunks = ctx.state, body.context_chunks or []
+    config = state.optimizer
+    plan = config.plan_for(tenant, f"self-hosted:{state.model_name}") if config is not None else None
+    if not chunks and (plan is None or not plan.enabled_steps):
+        return None
+    if chunks:
+        state.limits.check_messages(len(chunks), "context_chunks")
+        state.limits.check_prompt_chars(sum(len(m["content"]) for m in messages) + sum(map(len, chunks)),
+                                        "context_chunks")
+        for i, chunk in enumerate(chunks):
+            check_text_param(chunk, f"context_chunks[{i}]")
+    plan = plan or OptimizerPlan(whitespace=False, dedupe=False, context=None, trim_history=None,
+                                 max_tokens_cap=None)
     try:
-        return messages, await ctx.state.tokenizers.chat(messages)
+        return await state.tokenizers.run(
+            lambda tok: optimize(messages, plan, tokenizer_counter(tok), context_chunks=chunks or None))
+    except ValueError as e:
+        raise bad_request(str(e), "context_chunks" if chunks else "messages")
+
+
+async def _prompt_ids(ctx: ServingContext, body: ChatCompletionRequest, tenant: str):
+    """(messages as sent, their token ids, the optimizer's result or None)."""
+    messages = _template_messages(ctx, body)
+    optimized = await _optimized(ctx, body, tenant, messages)
+    if optimized is not None:
+        messages = optimized.messages
+    try:
+        return messages, await ctx.state.tokenizers.chat(messages), optimized
     except ValueError as e:
         raise bad_request(str(e), "messages")
 
@@ -55,9 +85,14 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
     state.limits.check_logprobs(body.top_logprobs, "top_logprobs")
     started = time.monotonic()
-    messages, ids = await run_for_client(request, state, body, _prompt_ids(ctx, body))
+    messages, ids, optimized = await run_for_client(request, state, body, _prompt_ids(ctx, body, caller.tenant))
     job = make_job(state, body, caller, "chatcmpl", [ids], [None], logprobs=body.engine_logprobs,
                    default_max_tokens=None)
+    if optimized is not None:
+        job.tokens_saved = optimized.report.tokens_saved
+        cap = optimized.max_tokens  # the route's cap (the client's own max_tokens is applied by make_job)
+        if cap is not None and cap < job.params.max_tokens:
+            job.params = dataclasses.replace(job.params, max_tokens=cap, min_tokens=min(job.params.min_tokens, cap))
     logger.debug("%s: %d prompt tokens, user %r", job.request_id, len(ids), body.user)
     cache_req = None
     if state.control.caches is not None:

@@ -97,6 +97,7 @@ async def admit_job(state: ServerState, job) -> None:
                                                   num_prompts=len(job.prompts), num_choices_per_prompt=job.n)
     except ControlError as e:
         raise control_api_error(e) from None
+    job.admission.tokens_saved = job.tokens_saved
     capped = job.admission.max_tokens
     if capped < job.params.max_tokens:
         job.params = dataclasses.replace(job.params, max_tokens=capped, min_tokens=min(job.params.min_tokens, capped))

@@ -57,6 +57,7 @@ class Job:
     created: int  # unix seconds, the `created` of every response object
     ctx: RequestContext  # who asked (the tenant is the fair-share key and the prefix-cache salt)
     admission: Admission | None = None  # set by serving.http.control.admit; settles the cost
+    tokens_saved: int = 0  # prompt tokens the optimizer removed
 
     @property
     def num_choices(self) -> int:
@@ -298,7 +299,7 @@ def frugal_info(job: Job) -> FrugalInfo | None:
     admission = job.admission
     if admission is None:
         return None
-    return FrugalInfo(route=admission.route, reason=admission.route_reason)
+    return FrugalInfo(route=admission.route, reason=admission.route_reason, tokens_saved=job.tokens_saved)
 
 
 def usage(job: Job, finals: dict[int, RequestOutput], settlement: Settlement | None = None) -> Usage:

@@ -124,6 +124,7 @@ class ChatCompletionRequest(_GenerateRequest):
     tools: list[dict] | None = None  # not implemented: refused unless empty
     functions: list[dict] | None = None  # not implemented: refused unless empty
     response_format: dict | None = None  # only {"type": "text"}
+    context_chunks: list[str] | None = None  # retrieved context sent apart from the question (frugal extension)
 
     @property
     def max_tokens_param(self) -> str:

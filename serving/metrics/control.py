@@ -63,6 +63,8 @@ class ControlMetrics(ControlObserver):
                                                "lookups.", registry=registry)
             self.cache_hits[kind] = Counter(hits.removesuffix("_total"), f"{kind.title()} response-cache hits.",
                                             registry=registry)
+        self.tokens_saved = Counter(names.TOKENS_SAVED.removesuffix("_total"), "Prompt tokens the optimizer "
+                                    "removed before requests ran.", ["tenant"], registry=registry)
         self.cache_saved = Counter(names.CACHE_SAVED_USD.removesuffix("_total"), "What response-cache hits saved, "
                                    "in USD (the cost of the answers they reused).", ["tenant"], registry=registry)
         self._lines: dict[str, BudgetLine] = {}  # budget lines with a known subject, by key
@@ -93,6 +95,8 @@ class ControlMetrics(ControlObserver):
         ctx = admission.ctx
         tenant = self._tenant(ctx)
         self.requests.labels(tenant, admission.model, settlement.status).inc()
+        if settlement.status != "refused" and admission.tokens_saved:
+            self.tokens_saved.labels(tenant).inc(admission.tokens_saved)
         if settlement.status != "refused":
             self.cost.labels(tenant, self.workflows.label(ctx.workflow_id), admission.model).inc(settlement.cost_usd)
 

@@ -47,6 +47,7 @@ EXACT_CACHE_HITS = "frugal:exact_cache_hits_total"  # counter: of those, answere
 SEMANTIC_CACHE_QUERIES = "frugal:semantic_cache_queries_total"  # counter: semantic lookups (after an exact miss)
 SEMANTIC_CACHE_HITS = "frugal:semantic_cache_hits_total"  # counter: of those, answered from the cache
 CACHE_SAVED_USD = "frugal:cache_saved_usd_total"  # counter by tenant: what cache hits saved (the answers' cost)
+TOKENS_SAVED = "frugal:tokens_saved_total"  # counter by tenant: prompt tokens the optimizer removed
 ESCALATIONS = "frugal:escalations_total"  # counter by model_name: requests escalated to a stronger route
 
 # -- GPU (nvidia-ml-py; absent without one) -----------------------------------------------------------------------

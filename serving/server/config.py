@@ -16,6 +16,7 @@ import yaml
 from serving.config import EngineConfig, KVEventsConfig, WatchdogConfig
 from serving.control.caches.config import CachesConfig, caches_config
 from serving.control.config import ControlConfig, control_config
+from serving.control.optimizer import OptimizerConfig, optimizer_config
 from serving.engine.kv_events import topic_for
 from serving.limits import RequestLimits
 from serving.metrics.config import MetricsConfig
@@ -48,6 +49,7 @@ class ServeConfig:
     kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)  # prefix-cache events for routers
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # /metrics and the saturation signal
     caches: CachesConfig = field(default_factory=CachesConfig)  # exact and semantic response caches
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # prompt and context steps per tenant/route
 
     def engine_config(self) -> EngineConfig:
         kwargs = {"max_waiting": DEFAULT_MAX_WAITING, **self.engine}
@@ -209,7 +211,8 @@ def config_from_dict(raw: dict, overrides: dict | None = None) -> ServeConfig:
     """Validates a parsed YAML mapping, then applies overrides (command-line flags; None means not given)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"the configuration must be a mapping of keys to values, got {type(raw).__name__}")
-    _check_keys(raw, {**_TOP_LEVEL, "engine": None, **_SECTIONS, "control": None, "caches": None}, "")
+    _check_keys(raw, {**_TOP_LEVEL, "engine": None, **_SECTIONS, "control": None, "caches": None,
+                      "optimizer": None}, "")
     values = {key: _TOP_LEVEL[key](key, value) for key, value in raw.items() if key in _TOP_LEVEL}
     for name, (checks, cls) in _SECTIONS.items():
         section = raw.get(name) or {}
@@ -227,6 +230,7 @@ def config_from_dict(raw: dict, overrides: dict | None = None) -> ServeConfig:
         raise ConfigError(str(e)) from None
     try:
         values["caches"] = caches_config(raw.get("caches"))
+        values["optimizer"] = optimizer_config(raw.get("optimizer"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     engine = raw.get("engine") or {}

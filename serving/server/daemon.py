@@ -65,7 +65,7 @@ def build_state(config: ServeConfig) -> ServerState:
         metrics = Metrics.install(config.metrics, engine, control, name, stats=async_llm.stats)
     return ServerState(async_llm=async_llm, tokenizers=TokenizerPool(engine.tokenizer, config.tokenizer_workers),
                        control=control, model_name=name, max_model_len=engine.max_model_len, limits=config.limits,
-                       retry_after_ms=config.retry_after_ms, metrics=metrics)
+                       retry_after_ms=config.retry_after_ms, metrics=metrics, optimizer=config.optimizer)
 
 
 async def warm_up(state: ServerState) -> None:
