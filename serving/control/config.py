@@ -117,13 +117,19 @@ class ControlConfig(_Strict):
         return self.pricing.models.get(model) or ModelPrice(usd_per_hour=self.pricing.self_hosted_usd_per_hour)
 
 
+def config_error(e: ValidationError, prefix: str, loc=None) -> ValueError:
+    """pydantic's first error as one line naming the key (`control.budgets[0].period: ...`), for every section
+    of frugal.yaml validated with pydantic. `loc`: the error's location, when the caller filtered it."""
+    first = e.errors()[0]
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in (first["loc"] if loc is None else loc))
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return ValueError(f"{prefix}{path}: {message}{more}")
+
+
 def control_config(raw) -> ControlConfig:
     """Validates the `control:` mapping; raises ValueError naming the key (`control.budgets[0].period: ...`)."""
     try:
         return ControlConfig.model_validate(raw or {})
     except ValidationError as e:
-        first = e.errors()[0]
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ValueError(f"control{path}: {message}{more}") from None
+        raise config_error(e, "control") from None

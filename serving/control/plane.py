@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import sqlalchemy as sa
 
@@ -31,6 +31,9 @@ from serving.control.observer import ControlObserver
 from serving.control.ratelimit import Charge, LocalLimiter, RedisLimiter
 from serving.control.store import open_database
 from serving.control.tasks import LocalTasks, RedisTasks, TaskState
+
+if TYPE_CHECKING:  # the caches load the embedder's libraries only when they are configured
+    from serving.control.caches import CacheHit
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +235,7 @@ class ControlPlane:
         return admission
 
     # -- response caches ---------------------------------------------------------------------------------
-    async def cached_answer(self, ctx: RequestContext, request) -> "CacheHit | None":
+    async def cached_answer(self, ctx: RequestContext, request) -> CacheHit | None:
         """The exact cache, then the semantic one; None when neither holds an answer (or none is on)."""
         caches = self.caches
         if caches is None:

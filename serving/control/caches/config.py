@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pydantic import Field, ValidationError
 
-from serving.control.config import _Strict
+from serving.control.config import _Strict, config_error
 
 # NOTE: chosen on the tuning part of tests/data/cache_pairs.jsonl (caches/evaluation.py, printed by
 # benchmarks/semantic_cache.py): with the guard, 0.85 keeps false hits under 2.5% and hits ~70% of paraphrases;
@@ -58,8 +58,4 @@ def caches_config(raw) -> CachesConfig:
     try:
         return CachesConfig.model_validate(raw or {})
     except ValidationError as e:
-        first = e.errors()[0]
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ValueError(f"caches{path}: {message}{more}") from None
+        raise config_error(e, "caches") from None

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
 
-from serving.control.config import _Strict
+from serving.control.config import _Strict, config_error
 
 STEP_NAMES = ("whitespace", "dedupe", "context", "trim_history", "max_tokens_cap")  # also the order they run in
 
@@ -107,7 +107,4 @@ def optimizer_config(raw) -> OptimizerConfig:
         first = e.errors()[0]
         # pydantic names the union member it tried ("TrimHistoryConfig", "literal[False]"): not a key of ours.
         loc = [p for p in first["loc"] if isinstance(p, int) or not (p[:1].isupper() or "[" in p)]
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ValueError(f"optimizer{path}: {message}{more}") from None
+        raise config_error(e, "optimizer", loc) from None

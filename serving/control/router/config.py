@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from serving.control.config import config_error
+
 SELF_HOSTED_PREFIX = "self-hosted:"
 EXTERNAL_PREFIX = "external:"
 
@@ -111,8 +113,4 @@ def router_config(raw) -> RouterConfig:
     try:
         return RouterConfig.model_validate(raw or {})
     except ValidationError as e:
-        first = e.errors()[0]
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ValueError(f"router{path}: {message}{more}") from None
+        raise config_error(e, "router") from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import Field, ValidationError, model_validator
 
-from serving.control.config import ModelPrice, _Strict
+from serving.control.config import ModelPrice, _Strict, config_error
 
 
 class TimeoutConfig(_Strict):
@@ -56,11 +56,7 @@ def upstream_routes(raw) -> list[UpstreamRoute]:
         try:
             routes.append(UpstreamRoute.model_validate(item))
         except ValidationError as e:
-            first = e.errors()[0]
-            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-            message = first["msg"].removeprefix("Value error, ")
-            more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-            raise ValueError(f"upstreams[{i}]{path}: {message}{more}") from None
+            raise config_error(e, f"upstreams[{i}]") from None
     ids = [r.id for r in routes]
     for i, route_id in enumerate(ids):
         if route_id in ids[:i]:
