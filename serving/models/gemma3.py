@@ -14,6 +14,7 @@ as the norm weight, so Llama's RMSNorm, with its fused CPU op, is Gemma's too.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.paged_attention import AttentionMetadata, paged_attention, write_kv
-from serving.models.llama import ModelArgs, RMSNorm
+from serving.models.llama import MLP, ModelArgs, RMSNorm
 from serving.models.rope import RotaryEmbedding
 
 SLIDING, FULL = "sliding_attention", "full_attention"  # layer_types values, as transformers spells them
@@ -83,17 +84,10 @@ class Gemma3Attention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
-class Gemma3MLP(nn.Module):
-    def __init__(self, args: Gemma3Args):
-        super().__init__()
-        self.intermediate_size = args.intermediate_size
-        # gate_up_proj: [2 * intermediate, hidden]; gate rows first
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+class Gemma3MLP(MLP):
+    """GeGLU: the gated MLP with gelu (tanh approximation) for the gate."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+    act = staticmethod(functools.partial(F.gelu, approximate="tanh"))
 
 
 class Gemma3DecoderLayer(nn.Module):
