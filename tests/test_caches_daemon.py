@@ -6,16 +6,15 @@ relevant context chunks only, and is told (and billed) for what it saved."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 import sqlalchemy as sa
 
-from daemon_process import REPO_ROOT, DaemonProcess
+from daemon_process import DaemonProcess
 from serving.control.store import requests as ledger
+from test_control_daemon import create_key
 from serving.metrics import names
 
 pytestmark = pytest.mark.slow
@@ -33,12 +32,6 @@ def daemon(tmp_path_factory):
     proc.stop()
 
 
-def create_key(daemon, tenant) -> str:
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "keys", "create", "--tenant", tenant, "--json",
-                             "--config", str(daemon.config_path)], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])["key"]
 
 
 def chat(daemon, key, question, headers=None, **extra):

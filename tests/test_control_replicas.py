@@ -4,9 +4,6 @@ state behind: every response a client received has its ledger row, the dead repl
 the budget's spend equals the ledger's once they are reconciled."""
 import asyncio
 import datetime as dt
-import json
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,9 +12,9 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from daemon_process import REPO_ROOT, DaemonProcess
+from daemon_process import DaemonProcess
 from serving.control.store import requests as ledger
-from test_control_daemon import RACE_ALLOWED, RACE_MAX_TOKENS, RACE_PROMPT, _race, check_race
+from test_control_daemon import RACE_ALLOWED, RACE_MAX_TOKENS, RACE_PROMPT, _race, check_race, create_key
 
 pytestmark = pytest.mark.slow
 
@@ -54,12 +51,6 @@ def replicas(tmp_path_factory, postgres_url, redis_url):
         d.stop()
 
 
-def create_key(daemon, tenant) -> str:
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "keys", "create", "--tenant", tenant, "--json",
-                             "--config", str(daemon.config_path)], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])["key"]
 
 
 def rows(postgres_url, tenant):

@@ -3,9 +3,6 @@ equal what the ledger holds; and a real Prometheus server scrapes the daemon und
 signal, the queue and the cost by tenant back through PromQL with the values the daemon itself shows."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -16,8 +13,9 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.services import prometheus_server
-from daemon_process import REPO_ROOT, DaemonProcess
+from daemon_process import DaemonProcess
 from serving.control.store import requests as ledger
+from test_control_daemon import create_key
 from serving.metrics import names
 
 pytestmark = pytest.mark.slow
@@ -41,12 +39,6 @@ def daemon(tmp_path_factory):
     proc.stop()
 
 
-def create_key(daemon, tenant) -> str:
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "keys", "create", "--tenant", tenant, "--json",
-                             "--config", str(daemon.config_path)], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])["key"]
 
 
 def complete(daemon, key, headers=None, max_tokens=4, prompt="Say something."):
