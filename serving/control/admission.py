@@ -57,6 +57,7 @@ class Admission:
     soft_over: list[str]  # soft budgets past their limit, described
     route_reason: str = "the only route: one self-hosted model"  # why `route` serves it (the caller sees it)
     tokens_saved: int = 0  # prompt tokens the optimizer removed before admission
+    escalated_from: str | None = None  # a cascade's escalation: the route whose answer was not confident enough
     admission_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the reservation id
     started: float = field(default_factory=time.monotonic)
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
@@ -127,8 +128,41 @@ class Admission:
             route=self.route, prompt_tokens=self.prompt_tokens, completion_tokens=completion, cached_tokens=cached,
             cost_usd=cost, busy_s=busy_s, ttft_ms=1000 * min(first_tokens) if first_tokens else None,
             latency_ms=1000 * (time.monotonic() - self.started), status=status, error_code=error_code,
-            tokens_saved=self.tokens_saved)
+            tokens_saved=self.tokens_saved, escalated_from=self.escalated_from)
         settlement = Settlement(status, cost, self.prompt_tokens, completion, cached, busy_s)
+        return await self._commit(row, settlement)
+
+    async def settle_external(self, usage, status: str, error_code: str | None = None,
+                              ttft_ms: float | None = None) -> Settlement:
+        """Settles a request an external route served (or failed): its cost from the provider's reported usage
+        at the route's prices. `usage` None: the provider was never reached or failed before answering, so
+        nothing was spent and nothing is written. NOTE: an answer that came without usage is costed at the worst
+        case reserved for it, never as free."""
+        self._closed = True
+        self._committed = self._loop.create_future()
+        self._settling.set()
+        plane, ctx = self.plane, self.ctx
+        if usage is None:
+            self._committed.set_result(Settlement("refused", 0.0, 0, 0, 0, 0.0))
+            plane.observer.settled(self, self._committed.result())
+            await plane.release(self)
+            return self._committed.result()
+        if usage.reported:
+            prompt, cached, completion, cost = (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens,
+                                                usage.cost_usd)
+        else:
+            prompt, cached, completion, cost = self.prompt_tokens, 0, self.max_tokens, self.reserved.usd
+        row = LedgerRow(
+            ts=time.time(), request_id=self.request_id, admission_id=self.admission_id, replica=plane.replica,
+            tenant=ctx.tenant, key_id=ctx.key_id, workflow=ctx.workflow_id, task=ctx.task_id, model=self.model,
+            route=self.route, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+            cost_usd=cost, busy_s=0.0, ttft_ms=ttft_ms, latency_ms=1000 * (time.monotonic() - self.started),
+            status=status, error_code=error_code, tokens_saved=self.tokens_saved, escalated_from=self.escalated_from)
+        await self._commit(row, Settlement(status, cost, prompt, completion, cached, 0.0))
+        return self._committed.result()  # raises LedgerUnavailable when the row could not be committed
+
+    async def _commit(self, row: LedgerRow, settlement: Settlement) -> Settlement:
+        plane = self.plane
         try:
             await plane.ledger.commit_request(row)
         except BaseException as e:
@@ -139,5 +173,5 @@ class Admission:
             self._committed.set_result(settlement)
         # The cost happened whether or not its row is in yet (a failed commit stays queued): count it.
         plane.observer.settled(self, settlement)
-        await plane.settle(self, Amount(cost, self.prompt_tokens + completion))
+        await plane.settle(self, Amount(settlement.cost_usd, settlement.prompt_tokens + settlement.completion_tokens))
         return settlement

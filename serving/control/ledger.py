@@ -49,6 +49,7 @@ class LedgerRow:
     cache: str | None = None  # exact | semantic when a response cache answered
     saved_usd: float | None = None  # what that hit saved
     tokens_saved: int | None = None  # prompt tokens the optimizer removed
+    escalated_from: str | None = None  # the cascade's first route, whose answer was not confident enough
 
 
 @dataclass(slots=True)

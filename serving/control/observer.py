@@ -24,5 +24,15 @@ class ControlObserver:
     def cache_lookup(self, ctx: "RequestContext", kind: str, hit: bool, saved_usd: float) -> None:
         """A response cache (`kind`: exact or semantic) was asked; `saved_usd` is what a hit saved."""
 
+    def cache_invalidated(self, ctx: "RequestContext", kind: str, num_removed: int) -> None:
+        """A client dropped its tenant's cached answers (`kind`: tenant, all of them; tag, those with a tag)."""
+
+    def fallback(self, ctx: "RequestContext", route: str, next_route: str | None, kind: str) -> None:
+        """A route failed a request (`kind`: timeout, refused, garbage, circuit_open, queue_full, engine_dead...);
+        `next_route` takes it, None: no route was left."""
+
+    def escalated(self, ctx: "RequestContext", route: str, to_route: str) -> None:
+        """The cascade found `route`'s answer unsure and sent the request on to `to_route`."""
+
     def outcome(self, ctx: "RequestContext", outcome: str, task_cost_usd: float) -> None:
         """A task's outcome was reported; `task_cost_usd` is what the task's calls cost in all."""

@@ -79,6 +79,8 @@ class ControlPlane:
         self.num_soft_exceeded = 0  # soft-budget overruns since start
         self.observer = ControlObserver()  # the metrics, once the daemon installs them
         self.caches = None  # serving.control.caches.ResponseCaches when caches: enables one
+        # per self-hosted model, its engine's current worst time per token (several models: each its own)
+        self.solo_s_per_token_of: dict[str, Callable[[], float | None]] = {}
         self._engine_time_mark: tuple[float | None, float] = (None, 0.0)  # (UNIX s, busy s) of the last row
 
     @classmethod
@@ -192,7 +194,8 @@ class ControlPlane:
         charges = self._charges(ctx, num_tokens)
         lines = self._lines(ctx)
         cost = self.cost_model(model)
-        need = Amount(cost.worst_case(num_tokens, num_output, self.solo_s_per_token()), num_tokens)
+        solo = self.solo_s_per_token_of.get(model, self.solo_s_per_token)()
+        need = Amount(cost.worst_case(num_tokens, num_output, solo), num_tokens)
         admission = Admission(self, ctx, request_id, model, f"self-hosted:{model}", prompt_tokens,
                               num_choices_per_prompt, max_tokens, lines, need, charges, None, [])
         # NOTE: the three checks run at once (with Redis: one round trip instead of three); each is atomic on

@@ -52,6 +52,8 @@ requests = sa.Table(
     sa.Column("cache", sa.String(16), nullable=True),  # exact | semantic: a response cache answered; NULL: none
     sa.Column("saved_usd", sa.Float, nullable=True),  # what a cache hit saved (the original request's cost)
     sa.Column("tokens_saved", sa.Integer, nullable=True),  # prompt tokens the optimizer removed
+    # a cascade's escalated answer: the route whose first answer was not confident enough; NULL: no escalation
+    sa.Column("escalated_from", sa.String(128), nullable=True),
 )
 
 outcomes = sa.Table(

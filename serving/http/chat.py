@@ -23,7 +23,7 @@ from serving.http.streaming import SSEResponse, run_job
 logger = logging.getLogger(__name__)
 
 
-def _template_messages(ctx: ServingContext, body: ChatCompletionRequest) -> list[dict]:
+def template_messages(ctx: ServingContext, body: ChatCompletionRequest) -> list[dict]:
     """The messages as the chat template takes them, checked against the limits before any templating."""
     limits = ctx.state.limits
     limits.check_messages(len(body.messages), "messages")
@@ -40,14 +40,16 @@ def _template_messages(ctx: ServingContext, body: ChatCompletionRequest) -> list
     return messages
 
 
-async def _optimized(ctx: ServingContext, body: ChatCompletionRequest, tenant: str, messages: list[dict]):
+async def optimized(ctx: ServingContext, body: ChatCompletionRequest, tenant: str, messages: list[dict],
+                    route: str | None = None):
     """The prompt optimizer's result (serving/control/optimizer/), or None when it has nothing to do: no step
-    applies to this tenant and route, and no context chunks came."""
+    applies to this tenant and route (default: the served model's), and no context chunks came."""
     from serving.control.optimizer import OptimizerPlan, optimize, tokenizer_counter
 
     state, chunks = ctx.state, body.context_chunks or []
     config = state.optimizer
-    plan = config.plan_for(tenant, f"self-hosted:{state.model_name}") if config is not None else None
+    route = route or f"self-hosted:{state.model_name}"
+    plan = config.plan_for(tenant, route) if config is not None else None
     if not chunks and (plan is None or not plan.enabled_steps):
         return None
     if chunks:
@@ -67,32 +69,50 @@ async def _optimized(ctx: ServingContext, body: ChatCompletionRequest, tenant: s
 
 async def _prompt_ids(ctx: ServingContext, body: ChatCompletionRequest, tenant: str):
     """(messages as sent, their token ids, the optimizer's result or None)."""
-    messages = _template_messages(ctx, body)
-    optimized = await _optimized(ctx, body, tenant, messages)
-    if optimized is not None:
-        messages = optimized.messages
+    messages = template_messages(ctx, body)
+    result = await optimized(ctx, body, tenant, messages)
+    if result is not None:
+        messages = result.messages
+    return messages, await chat_ids(ctx.state, messages), result
+
+
+async def chat_ids(state, messages: list[dict]) -> list[int]:
     try:
-        return messages, await ctx.state.tokenizers.chat(messages), optimized
+        return await state.tokenizers.chat(messages)
     except ValueError as e:
         raise bad_request(str(e), "messages")
+
+
+def check_logprob_params(state, body: ChatCompletionRequest) -> None:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    state.limits.check_logprobs(body.top_logprobs, "top_logprobs")
+
+
+def chat_job(state, body: ChatCompletionRequest, caller, ids: list[int], result, logprobs: int | None = None) -> Job:
+    """The Job of one chat request on `state`'s model, with the optimizer's savings and its route cap applied."""
+    job = make_job(state, body, caller, "chatcmpl", [ids], [None],
+                   logprobs=body.engine_logprobs if logprobs is None else logprobs, default_max_tokens=None)
+    if result is not None:
+        job.tokens_saved = result.report.tokens_saved
+        cap = result.max_tokens  # the route's cap (the client's own max_tokens is applied by make_job)
+        if cap is not None and cap < job.params.max_tokens:
+            job.params = dataclasses.replace(job.params, max_tokens=cap, min_tokens=min(job.params.min_tokens, cap))
+    return job
 
 
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, request: Request) -> Response:
     state = ctx.state
     caller = await authenticate(state, request)
+    if state.routing:
+        from serving.http.routed import routed_chat_completion
+
+        return await routed_chat_completion(ctx, body, request, caller)
     check_admission(state, body, caller)
-    if body.top_logprobs is not None and not body.logprobs:
-        raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
-    state.limits.check_logprobs(body.top_logprobs, "top_logprobs")
+    check_logprob_params(state, body)
     started = time.monotonic()
-    messages, ids, optimized = await run_for_client(request, state, body, _prompt_ids(ctx, body, caller.tenant))
-    job = make_job(state, body, caller, "chatcmpl", [ids], [None], logprobs=body.engine_logprobs,
-                   default_max_tokens=None)
-    if optimized is not None:
-        job.tokens_saved = optimized.report.tokens_saved
-        cap = optimized.max_tokens  # the route's cap (the client's own max_tokens is applied by make_job)
-        if cap is not None and cap < job.params.max_tokens:
-            job.params = dataclasses.replace(job.params, max_tokens=cap, min_tokens=min(job.params.min_tokens, cap))
+    messages, ids, result = await run_for_client(request, state, body, _prompt_ids(ctx, body, caller.tenant))
+    job = chat_job(state, body, caller, ids, result)
     logger.debug("%s: %d prompt tokens, user %r", job.request_id, len(ids), body.user)
     cache_req = None
     if state.control.caches is not None:
@@ -103,26 +123,36 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
                                                  elapsed_ms(started))
             return cached_chat_response(job, state.model_name, len(ids), hit, body.stream, body.include_usage)
     await admit_job(state, job)
-    usage_chunk = ChatCompletionChunk(id=job.request_id, created=job.created, model=state.model_name, choices=[])
-    result = await run_job(request, state, body, job, lambda: _prelude(job, state.model_name),
-                           _chunk_renderer(ctx, job), usage_chunk)
+    result = await run_chat_job(ctx, body, request, job)
     if isinstance(result, SSEResponse):
         return result
     finals, settlement = result
-    want_logprobs = body.logprobs
-    completion = ChatCompletion(
-        id=job.request_id, created=job.created, model=state.model_name, usage=usage(job, finals, settlement),
-        frugal=frugal_info(job),
-        choices=[ChatChoice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
-                            stop_reason=stop_reason(out),
-                            logprobs=chat_logprobs(out.logprobs or [], ctx.token_texts) if want_logprobs else None)
-                 for i, out in finals.items()])
+    completion = chat_completion(ctx, body, job, finals, settlement, state.model_name, frugal_info(job))
     if cache_req is not None and settlement.status == "ok" and len(finals) == 1:
         out = finals[0]
         state.control.remember_answer(cache_req, out.text, out.finish_reason, len(ids), len(out.token_ids),
                                             settlement.cost_usd, state.model_name)
     return Response(completion.model_dump_json(), media_type="application/json",
                     headers={"x-request-id": job.request_id})
+
+
+async def run_chat_job(ctx: ServingContext, body: ChatCompletionRequest, request: Request, job: Job):
+    """Runs an admitted chat job on `ctx.state`'s engine: the SSE response, or (finals, settlement)."""
+    state = ctx.state
+    usage_chunk = ChatCompletionChunk(id=job.request_id, created=job.created, model=state.model_name, choices=[])
+    return await run_job(request, state, body, job, lambda: _prelude(job, state.model_name),
+                         _chunk_renderer(ctx, job), usage_chunk)
+
+
+def chat_completion(ctx: ServingContext, body: ChatCompletionRequest, job: Job, finals: dict, settlement, model: str,
+                    frugal) -> ChatCompletion:
+    want_logprobs = body.logprobs
+    return ChatCompletion(
+        id=job.request_id, created=job.created, model=model, usage=usage(job, finals, settlement), frugal=frugal,
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
+                            stop_reason=stop_reason(out),
+                            logprobs=chat_logprobs(out.logprobs or [], ctx.token_texts) if want_logprobs else None)
+                 for i, out in finals.items()])
 
 
 def _prelude(job: Job, model: str) -> list[ChatCompletionChunk]:

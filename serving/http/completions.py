@@ -37,8 +37,10 @@ async def _prompts(ctx: ServingContext, body: CompletionRequest) -> tuple[list[l
 
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest, request: Request) -> Response:
+    caller = await authenticate(ctx.state, request)
+    if ctx.state.routing and body.model not in (None, ctx.state.model_name):
+        ctx = _model_view(ctx, body.model)
     state = ctx.state
-    caller = await authenticate(state, request)
     check_admission(state, body, caller)
     state.limits.check_logprobs(body.logprobs, "logprobs")
     prompt_ids, prompt_texts = await run_for_client(request, state, body, _prompts(ctx, body))
@@ -65,6 +67,20 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
                  for i, out in finals.items()])
     return Response(completion.model_dump_json(), media_type="application/json",
                     headers={"x-request-id": job.request_id})
+
+
+def _model_view(ctx: ServingContext, model: str) -> ServingContext:
+    """Another self-hosted model of `models:` (a base model such as Gemma 3 takes plain completions here)."""
+    from serving.http.routed import AUTO, served_view
+
+    state = ctx.state
+    if model in state.models:
+        return served_view(ctx, model)
+    if model in state.upstreams or model == AUTO:
+        raise bad_request(f"model `{model}`: POST /v1/completions serves the self-hosted models by name "
+                          f"({', '.join(state.models)}); the router and external routes take chat completions",
+                          "model")
+    return ctx  # check_admission names the unknown model
 
 
 def _echo_texts(ctx: ServingContext, job: Job) -> list[str]:

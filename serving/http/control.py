@@ -98,6 +98,8 @@ async def admit_job(state: ServerState, job) -> None:
     except ControlError as e:
         raise control_api_error(e) from None
     job.admission.tokens_saved = job.tokens_saved
+    if state.routing:
+        job.admission.route_reason = f"{state.model_name}: the model the client asked for"
     capped = job.admission.max_tokens
     if capped < job.params.max_tokens:
         job.params = dataclasses.replace(job.params, max_tokens=capped, min_tokens=min(job.params.min_tokens, capped))

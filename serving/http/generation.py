@@ -44,6 +44,7 @@ class ServingContext:
     state: ServerState  # the engine and the server's status
     tokenizer: object  # the event loop's own tokenizer copy, for decoding only
     token_texts: TokenTexts  # token id -> text, for logprobs
+    views: dict = dataclasses.field(default_factory=dict)  # model id -> ServingContext of another served model
 
 
 @dataclass(slots=True)
@@ -96,15 +97,17 @@ def check_model(state: ServerState, model: str) -> None:
                        param="model", code="model_not_found")
 
 
-def check_admission(state: ServerState, body: GenerateRequest, ctx: RequestContext) -> None:
+def check_admission(state: ServerState, body: GenerateRequest, ctx: RequestContext, routed: bool = False) -> None:
     """Refuses what no engine work can fix: another model (or one the key may not use), a server that is not
-    taking requests, an option this server does not implement."""
-    if body.model is not None:
-        check_model(state, body.model)
-    try:
-        state.control.check_model(ctx, state.model_name)
-    except ControlError as e:
-        raise control_api_error(e) from None
+    taking requests, an option this server does not implement. `routed`: the model was already resolved and
+    checked against the key by the routed path (serving/http/routed.py)."""
+    if not routed:
+        if body.model is not None:
+            check_model(state, body.model)
+        try:
+            state.control.check_model(ctx, state.model_name)
+        except ControlError as e:
+            raise control_api_error(e) from None
     status = readiness(state)
     if status != "ready":
         reason = state.async_llm.health().reason if status == "engine_dead" else None

@@ -126,7 +126,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int  # unix seconds the server started
     owned_by: str = "frugal"
-    max_model_len: int  # context length: prompt plus generated tokens (vLLM extension)
+    max_model_len: int | None = None  # context length: prompt plus generated tokens (vLLM extension); None: external
 
 
 class ModelList(BaseModel):

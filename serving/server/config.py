@@ -17,9 +17,11 @@ from serving.config import EngineConfig, KVEventsConfig, WatchdogConfig
 from serving.control.caches.config import CachesConfig, caches_config
 from serving.control.config import ControlConfig, control_config
 from serving.control.optimizer import OptimizerConfig, optimizer_config
+from serving.control.router.config import RouterConfig, router_config
 from serving.engine.kv_events import topic_for
 from serving.limits import RequestLimits
 from serving.metrics.config import MetricsConfig
+from serving.server.models import ModelEntry, derived_routes, models_config
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -50,6 +52,23 @@ class ServeConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # /metrics and the saturation signal
     caches: CachesConfig = field(default_factory=CachesConfig)  # exact and semantic response caches
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # prompt and context steps per tenant/route
+    models: list[ModelEntry] = field(default_factory=list)  # every served model; empty: the one of `model`
+    router: RouterConfig | None = None  # routes over `models`; None: one model, nothing to route
+
+    def model_engine_config(self, entry: ModelEntry, path: str) -> EngineConfig:
+        """The engine of one self-hosted entry of `models:`: the `engine:` section with the entry's own keys on top."""
+        _check_keys(entry.engine, {k: c for k, c in _ENGINE.items() if k in _ENGINE_FIELDS}, f"models[{entry.id}].engine.")
+        own = {key: _ENGINE[key](f"models[{entry.id}].engine.{key}", value) for key, value in entry.engine.items()}
+        kwargs = {"max_waiting": DEFAULT_MAX_WAITING, **self.engine, **own}
+        kv_events = self.kv_events
+        if kv_events.enabled and entry is not self.models[0]:
+            kv_events = dataclasses.replace(kv_events, enabled=False)  # NOTE: one PUB socket: the primary's
+        elif kv_events.topic is None:
+            kv_events = dataclasses.replace(kv_events, topic=topic_for(entry.id))
+        try:
+            return EngineConfig(model=path, kv_events=kv_events, **kwargs)
+        except ValueError as e:
+            raise ConfigError(f"models[{entry.id}].engine.{e}") from e
 
     def engine_config(self) -> EngineConfig:
         kwargs = {"max_waiting": DEFAULT_MAX_WAITING, **self.engine}
@@ -212,7 +231,7 @@ def config_from_dict(raw: dict, overrides: dict | None = None) -> ServeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"the configuration must be a mapping of keys to values, got {type(raw).__name__}")
     _check_keys(raw, {**_TOP_LEVEL, "engine": None, **_SECTIONS, "control": None, "caches": None,
-                      "optimizer": None}, "")
+                      "optimizer": None, "models": None, "router": None}, "")
     values = {key: _TOP_LEVEL[key](key, value) for key, value in raw.items() if key in _TOP_LEVEL}
     for name, (checks, cls) in _SECTIONS.items():
         section = raw.get(name) or {}
@@ -233,6 +252,13 @@ def config_from_dict(raw: dict, overrides: dict | None = None) -> ServeConfig:
         values["optimizer"] = optimizer_config(raw.get("optimizer"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        values["models"] = models_config(raw.get("models"))
+        values["router"] = _router(raw.get("router"), values["models"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if values["models"] and (raw.get("model") is not None or raw.get("served_model_name") is not None):
+        raise ConfigError("model and served_model_name must be null when models: lists the served models")
     engine = raw.get("engine") or {}
     if not isinstance(engine, dict):
         raise ConfigError(f"engine must be a mapping of engine settings, got {engine!r}")
@@ -247,6 +273,32 @@ def config_from_dict(raw: dict, overrides: dict | None = None) -> ServeConfig:
     if config.http_port is not None and config.http_port == config.grpc_port and config.grpc_port != 0:
         raise ConfigError(f"http_port and grpc_port must differ, both are {config.grpc_port}")
     config.engine_config()  # the engine's own checks (dtype, device names), with the key named
+    for entry in config.models:
+        if entry.path is not None and not os.path.exists(os.path.expanduser(entry.path)):
+            raise ConfigError(f"models[{entry.id}].path: no such file or directory: {entry.path}")
+        if not entry.external:
+            config.model_engine_config(entry, entry.path or entry.package)
+    return config
+
+
+def _router(raw, models: list[ModelEntry]) -> RouterConfig | None:
+    """The router over `models:`: its routes default to one per model, and every self-hosted route must name a
+    served model. None when there is nothing to route (no router section and fewer than two models)."""
+    if raw is None and len(models) < 2:
+        return None
+    if raw is not None and not isinstance(raw, dict):
+        raise ValueError(f"router must be a mapping, got {type(raw).__name__}")
+    raw = dict(raw or {})
+    if not raw.get("routes"):
+        if not models:
+            raise ValueError("router.routes: give the routes, or list the served models under models:")
+        raw["routes"] = derived_routes(models)
+    config = router_config(raw)
+    served = {e.route_model for e in models}
+    for i, route in enumerate(config.routes):
+        if models and route.model not in served:
+            raise ValueError(f"router.routes[{i}].model: {route.model!r} is not one of the models: "
+                             f"{', '.join(sorted(served))}")
     return config
 
 

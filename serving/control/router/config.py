@@ -22,19 +22,22 @@ class RouteConfig(_Strict):
 
     id: str = Field(min_length=1)  # the name decisions, fallbacks and the ledger use
     model: str = Field(min_length=1)  # "self-hosted:<model id>" or "external:<route id>"
-    self_hosted: bool  # the data stays on our machines; the only kind a private request may use
+    # may take private data: the data stays on machines we trust (self-hosted; an external route never is)
+    self_hosted: bool
     usd_per_m_input: float | None = Field(default=None, ge=0)  # price estimate; None: the caller derives it
     usd_per_m_output: float | None = Field(default=None, ge=0)  # price estimate; None: the caller derives it
     quality: int = Field(ge=0)  # quality tier, higher = stronger
     # expected worst latency; None: no promise, so a request with a latency target skips it
     max_latency_ms: float | None = Field(default=None, gt=0)
     task_types: list[str] = Field(default_factory=list)  # what it is good for; empty: a general route
+    chat: bool = True  # takes chat messages; False: plain completions only (a base model)
 
     @model_validator(mode="after")
     def _consistent(self):
+        # NOTE: a self-hosted model may still be kept from private data (self_hosted: false): a node the
+        # operator does not clear for it.
         if self.model.startswith(SELF_HOSTED_PREFIX):
-            if not self.self_hosted:
-                raise ValueError(f"route {self.id!r}: a {SELF_HOSTED_PREFIX}... model needs self_hosted: true")
+            pass
         elif self.model.startswith(EXTERNAL_PREFIX):
             if self.self_hosted:
                 raise ValueError(f"route {self.id!r}: an {EXTERNAL_PREFIX}... model cannot be self_hosted")

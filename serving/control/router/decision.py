@@ -45,6 +45,7 @@ class RouteRequest:
     prompt_tokens: int = 0  # for the cost estimate; 0 with max_tokens 0: compare blended prices
     max_tokens: int = 0  # for the cost estimate
     p_complex: float | None = None  # precomputed complexity; None: the router's classifier reads `prompt`
+    chat: bool = True  # chat messages (only chat routes take them); False: a plain completion (any route)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +118,14 @@ class Router:
             routes = [r for r in routes if r.id in permitted]
         if request.private:
             routes = [r for r in routes if r.self_hosted]
+        if request.chat:
+            routes = [r for r in routes if r.chat]
         if not routes:
             what = f"tenant {request.tenant!r}" + (f" (tier {tier!r})" if tier is not None else "")
             if request.private:
-                raise NoEligibleRoute(f"no self-hosted route is open to {what}, and private data may not leave "
-                                      "self-hosted routes")
-            raise NoEligibleRoute(f"no route is open to {what}")
+                raise NoEligibleRoute(f"no self-hosted route{' taking chat' if request.chat else ''} is open to "
+                                      f"{what}, and private data may not leave self-hosted routes")
+            raise NoEligibleRoute(f"no route{' taking chat messages' if request.chat else ''} is open to {what}")
         return routes
 
     # -- the decision --------------------------------------------------------------------------------------
