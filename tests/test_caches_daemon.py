@@ -43,11 +43,11 @@ def chat(daemon, key, question, headers=None, **extra):
     return resp
 
 
-def until_cached(daemon, key, question, kind="exact"):
+def until_cached(daemon, key, question, kind="exact", headers=None, **extra):
     """Answers are stored in the background, after the response: ask until the cache answers."""
     deadline = time.monotonic() + 30
     while True:
-        resp = chat(daemon, key, question).json()
+        resp = chat(daemon, key, question, headers, **extra).json()
         if resp["frugal"]["cache"] == kind:
             return resp
         assert time.monotonic() < deadline, f"never served from the {kind} cache: {resp['frugal']}"

@@ -85,6 +85,7 @@ class CheckedRequest:
     params: SamplingParams  # validated sampling parameters
     priority: Priority  # scheduling class
     messages: list[dict] | None  # chat input, ready for the chat template; None for prompt / token ids
+    context_chunks: list[str]  # retrieved context for the last user message (chat input only); empty: none
 
 
 def check_request(request: pb.GenerateRequest, limits: RequestLimits) -> CheckedRequest:
@@ -106,6 +107,18 @@ def check_request(request: pb.GenerateRequest, limits: RequestLimits) -> Checked
                 raise ValueError(f"chat.messages[{i}].role must not be empty")
     else:
         raise ValueError("input: set one of prompt, prompt_token_ids or chat")
+    chunks = list(request.context_chunks)
+    if chunks:
+        # NOTE: refused, not appended: a raw prompt has its own format and token ids have none, so there is no
+        # place to put context that would be right for every prompt.
+        if messages is None:
+            raise ValueError(f"context_chunks need chat input (chat.messages), not {kind}: it has no message to put "
+                             f"them in")
+        limits.check_messages(len(chunks), "context_chunks")
+        limits.check_prompt_chars(sum(len(m["content"]) for m in messages) + sum(map(len, chunks)),
+                                  "context_chunks")
+        for i, chunk in enumerate(chunks):
+            check_text(chunk, f"context_chunks[{i}]")
     if request.priority not in _PRIORITIES:
         raise ValueError(f"priority must be one of {', '.join(pb.Priority.keys())}, got {request.priority}")
     sampling = request.sampling
@@ -113,7 +126,7 @@ def check_request(request: pb.GenerateRequest, limits: RequestLimits) -> Checked
     if sampling.HasField("logprobs"):
         limits.check_logprobs(sampling.logprobs, "sampling.logprobs")
     return CheckedRequest(request=request, params=sampling_params(sampling), priority=_PRIORITIES[request.priority],
-                          messages=messages)
+                          messages=messages, context_chunks=chunks)
 
 
 def engine_request(checked: CheckedRequest, prompt_ids: list[int]) -> EngineRequest:
@@ -162,8 +175,12 @@ def _stop_reason(out: RequestOutput) -> dict:
     return {}
 
 
-def frugal_info(route: str, reason: str) -> pb.FrugalInfo:
-    return pb.FrugalInfo(route=route, reason=reason)
+def frugal_info(route: str, reason: str, tokens_saved: int = 0) -> pb.FrugalInfo:
+    return pb.FrugalInfo(route=route, reason=reason, tokens_saved=tokens_saved)
+
+
+def finish_reason(reason: str | None) -> int:
+    return _FINISH_REASONS.get(reason, pb.FINISH_REASON_UNSPECIFIED)
 
 
 def response(out: RequestOutput, model: str, tokenizer, cost_usd: float = 0.0,
@@ -171,8 +188,7 @@ def response(out: RequestOutput, model: str, tokenizer, cost_usd: float = 0.0,
     """The unary answer from a request's final output."""
     return pb.GenerateResponse(frugal=frugal,
         request_id=out.req_id, model=model, text=out.text, token_ids=out.token_ids,
-        finish_reason=_FINISH_REASONS.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-        usage=usage(out, cost_usd),
+        finish_reason=finish_reason(out.finish_reason), usage=usage(out, cost_usd),
         logprobs=token_logprobs(out.logprobs, tokenizer) if out.logprobs else [], **_stop_reason(out))
 
 
@@ -185,7 +201,7 @@ def chunk(out: RequestOutput, model: str, tokenizer, cost_usd: float = 0.0,
     msg = pb.GenerateStreamResponse(request_id=out.req_id, model=model, text=out.delta_text,
                                     token_ids=out.delta_token_ids, logprobs=delta_logprobs)
     if out.finished:
-        msg.finish_reason = _FINISH_REASONS.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+        msg.finish_reason = finish_reason(out.finish_reason)
         msg.usage.CopyFrom(usage(out, cost_usd))
         if frugal is not None:
             msg.frugal.CopyFrom(frugal)

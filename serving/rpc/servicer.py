@@ -1,8 +1,12 @@
 """The gRPC servicers: generation (unary and streaming), model listing, and engine statistics.
 
+A chat call takes the HTTP chat path's cost steps, through the same control-plane calls: the prompt optimizer
+(serving/rpc/optimized.py), then the response caches (serving/rpc/cached.py; a hit answers here, at no cost),
+then admission, the engine, settlement, and the answer stored for the next identical call.
+
 Status codes are part of the interface: INVALID_ARGUMENT names the bad field, NOT_FOUND an unknown model,
 RESOURCE_EXHAUSTED (with a `retry-after-ms` trailer) a full waiting queue, UNAVAILABLE a daemon that is still
-loading or already draining. A cancelled or timed-out call closes its engine stream, which aborts the request and
+loading or already draining (or a cache store that is down). A cancelled or timed-out call closes its engine stream, which aborts the request and
 frees its KV blocks at the next step boundary.
 """
 from __future__ import annotations
@@ -18,15 +22,18 @@ from dataclasses import dataclass
 import grpc
 
 from scheduler import QueueFullError
-from serving.control.admission import Admission
+from serving.control.admission import Admission, Settlement
+from serving.control.caches import CacheHit, CacheRequest
 from serving.control.context import RequestContext
 from serving.control.errors import ControlError
 from serving.control.ledger import LedgerUnavailable
 from serving.engine.async_engine import EngineDeadError
 from serving.engine.outputs import RequestOutput
-from serving.rpc import convert
+from serving.engine.sampling_params import SamplingParams
+from serving.rpc import cached, convert
 from serving.rpc.gen.frugal.v1 import inference_pb2 as pb
 from serving.rpc.gen.frugal.v1 import inference_pb2_grpc as pb_grpc
+from serving.rpc.optimized import optimize_chat
 from serving.server_state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -53,11 +60,18 @@ class StateHolder:
 
 @dataclass(slots=True)
 class _Call:
-    """One admitted Generate / GenerateStream call."""
+    """One Generate / GenerateStream call, checked, optimized and tokenized; then answered by a cache or admitted."""
 
     req: convert.EngineRequest  # what goes to the engine
     ctx: RequestContext  # who asked
-    admission: Admission  # its reservations; settles the cost
+    tokens_saved: int  # prompt tokens the optimizer removed
+    cache_req: CacheRequest | None  # how the caches see it; None: no cache takes it (off, not chat, not keyable)
+    hit: CacheHit | None = None  # the cache's answer; set: no admission, nothing runs
+    admission: Admission | None = None  # its reservations, once admitted; settles the cost
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.req.prompt["prompt_token_ids"])
 
 
 async def _abort_control(context, e: ControlError) -> None:
@@ -80,6 +94,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         state, call = await self._prepare(request, context)
+        if call.hit is not None:
+            return cached.hit_response(call.req.req_id, state.model_name, call.hit, call.num_prompt_tokens,
+                                       call.tokens_saved)
         final = settlement = None
         try:
             async with _StatusMapper(context, call.req, state):
@@ -91,26 +108,30 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         finally:
             call.admission.close()
         _log_finished(call, final, settlement)
+        _remember(state, call, final, settlement)
         return convert.response(final, state.model_name, state.tokenizers.loop_tokenizer, settlement.cost_usd,
-                                convert.frugal_info(call.admission.route, call.admission.route_reason))
+                                _frugal(call))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> None:
         # NOTE: a coroutine that writes, not an async generator: a cancelled call then raises CancelledError right
         # here, and `aclosing` closes the engine stream at once instead of whenever the generator is collected.
         state, call = await self._prepare(request, context)
+        if call.hit is not None:
+            await context.write(cached.hit_chunk(call.req.req_id, state.model_name, call.hit,
+                                                 call.num_prompt_tokens, call.tokens_saved))
+            return
         final = settlement = None
         try:
             async with _StatusMapper(context, call.req, state):
                 async with aclosing(self._generate(state, call)) as outputs:
                     async for out in outputs:
                         final = out
-                        cost = 0.0
+                        cost, frugal = 0.0, None
                         if out.finished:
                             self._check_failed(out)
                             settlement = await call.admission.settled()  # the row is committed before the end
-                            cost = settlement.cost_usd
-                        frugal = convert.frugal_info(call.admission.route, call.admission.route_reason) \
-                            if out.finished else None
+                            cost, frugal = settlement.cost_usd, _frugal(call)
+                            _remember(state, call, out, settlement)
                         await context.write(convert.chunk(out, state.model_name, state.tokenizers.loop_tokenizer,
                                                           cost, frugal))
         finally:
@@ -149,6 +170,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     # -- helpers ----------------------------------------------------------------------------------------
     async def _prepare(self, request: pb.GenerateRequest, context) -> tuple[ServerState, _Call]:
+        """Checks, optimizes and tokenizes the call, then asks the caches; a miss is admitted. Every refusal aborts
+        the call before anything is reserved."""
+        started = time.monotonic()
         state = await self.holder.serving_state(context)
         ctx = await _authenticate(state, request.context, context)
         if request.model and request.model != state.model_name:
@@ -157,29 +181,44 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             state.control.check_model(ctx, state.model_name)
             checked = convert.check_request(request, state.limits)
+            options = cached.cache_options(context.invocation_metadata())
         except ControlError as e:
             await _abort_control(context, e)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        tokens_saved, messages = 0, checked.messages
         try:
-            prompt_ids = await _tokenize(state, checked)
+            if messages is not None:
+                optimized = await optimize_chat(state, ctx.tenant, messages, checked.context_chunks)
+                if optimized is not None:
+                    messages, tokens_saved = optimized.messages, optimized.report.tokens_saved
+                    _cap_max_tokens(checked, optimized.max_tokens)  # the route's cap
+            prompt_ids = await _tokenize(state, checked, messages)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except QueueFullError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry after {state.retry_after_ms} ms",
                                 trailing_metadata=(("retry-after-ms", str(state.retry_after_ms)),))
         req = convert.engine_request(checked, prompt_ids)
+        cache_req = None
+        if state.control.caches is not None:
+            cache_req = cached.cache_request(ctx, req.params, messages, f"self-hosted:{state.model_name}", options)
+        call = _Call(req, ctx, tokens_saved, cache_req)
+        if cache_req is not None:
+            call.hit = await _lookup(state, call, started, context)
+            if call.hit is not None:
+                return state, call
         try:
-            admission = await state.control.admit(ctx, req.req_id, state.model_name, len(prompt_ids),
-                                                  req.params.max_tokens)
+            call.admission = await state.control.admit(ctx, req.req_id, state.model_name, len(prompt_ids),
+                                                       req.params.max_tokens)
         except ControlError as e:
             await _abort_control(context, e)
-        if admission.max_tokens < req.params.max_tokens:  # a soft budget's fallback
-            req.params = dataclasses.replace(req.params, max_tokens=admission.max_tokens,
-                                             min_tokens=min(req.params.min_tokens, admission.max_tokens))
+        call.admission.tokens_saved = tokens_saved  # the ledger row and frugal:tokens_saved_total
+        if call.admission.max_tokens < req.params.max_tokens:  # a soft budget's fallback
+            req.params = _capped(req.params, call.admission.max_tokens)
         logger.debug("request %s: tenant=%s key=%s workflow=%s task=%s priority=%s", req.req_id, ctx.tenant,
                      ctx.key_id or "-", ctx.workflow_id or "-", ctx.task_id or "-", req.priority.name.lower())
-        return state, _Call(req, ctx, admission)
+        return state, call
 
     @staticmethod
     def _generate(state: ServerState, call: _Call):
@@ -195,9 +234,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise _EngineFailure(out.error)
 
 
-async def _tokenize(state: ServerState, checked: convert.CheckedRequest) -> list[int]:
-    """The prompt's token ids, from the tokenizer pool (never on the event loop). Raises ValueError naming the
-    field for what the chat template refuses."""
+async def _tokenize(state: ServerState, checked: convert.CheckedRequest, messages: list[dict] | None) -> list[int]:
+    """The prompt's token ids, from the tokenizer pool (never on the event loop); `messages`: the chat input as the
+    optimizer left it. Raises ValueError naming the field for what the chat template refuses."""
     request = checked.request
     kind = request.WhichOneof("input")
     if kind == "prompt_token_ids":
@@ -205,9 +244,48 @@ async def _tokenize(state: ServerState, checked: convert.CheckedRequest) -> list
     if kind == "prompt":
         return await state.tokenizers.encode(request.prompt) if request.prompt else []
     try:
-        return await state.tokenizers.chat(checked.messages)
+        return await state.tokenizers.chat(messages)
     except ValueError as e:
         raise ValueError(f"chat.{e}") from None
+
+
+def _capped(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    return dataclasses.replace(params, max_tokens=max_tokens, min_tokens=min(params.min_tokens, max_tokens))
+
+
+def _cap_max_tokens(checked: convert.CheckedRequest, cap: int | None) -> None:
+    if cap is not None and cap < checked.params.max_tokens:
+        checked.params = _capped(checked.params, cap)
+
+
+async def _lookup(state: ServerState, call: _Call, started: float, context) -> CacheHit | None:
+    """The caches' answer, with its ledger row written, or None on a miss."""
+    try:
+        hit = await state.control.cached_answer(call.ctx, call.cache_req)
+        if hit is not None:
+            await state.control.record_cache_hit(call.ctx, call.req.req_id, state.model_name, hit,
+                                                 call.num_prompt_tokens, 1000 * (time.monotonic() - started))
+    except LedgerUnavailable as e:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+    except Exception as e:  # the shared store (Redis) is down or slow: not the caller's fault, and retryable
+        logger.exception("request %s: the response caches failed: %s", call.req.req_id, type(e).__name__)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"the response caches are unavailable ({type(e).__name__}); "
+                                                         f"retry shortly, or send x-frugal-cache: off")
+    if hit is not None:
+        logger.info("request %s answered from the %s cache: tenant=%s saved $%.6f", call.req.req_id, hit.kind,
+                    call.ctx.tenant, hit.saved_usd)
+    return hit
+
+
+def _frugal(call: _Call) -> pb.FrugalInfo:
+    return convert.frugal_info(call.admission.route, call.admission.route_reason, call.tokens_saved)
+
+
+def _remember(state: ServerState, call: _Call, out: RequestOutput, settlement: Settlement) -> None:
+    """Stores a miss's answer for the next identical call (the caches decide what they keep)."""
+    if call.cache_req is not None and settlement.status == "ok":
+        state.control.remember_answer(call.cache_req, out.text, out.finish_reason, len(out.prompt_token_ids),
+                                      len(out.token_ids), settlement.cost_usd, state.model_name)
 
 
 def _log_finished(call: _Call, out: RequestOutput | None, settlement) -> None:

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66rugal/v1/inference.proto\x12\tfrugal.v1\"\xd0\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x06 \x01(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x05\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0b \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"o\n\x0eRequestContext\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x13\n\x0bsensitivity\x18\x05 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.frugal.v1.ChatMessage\"\xa9\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12/\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x13.frugal.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x17.frugal.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.frugal.v1.SamplingParams\x12%\n\x08priority\x18\x07 \x01(\x0e\x32\x13.frugal.v1.Priority\x12*\n\x07\x63ontext\x18\x08 \x01(\x0b\x32\x19.frugal.v1.RequestContextB\x07\n\x05input\"x\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\r\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\x01\"d\n\nFrugalInfo\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x03 \x01(\t\x12\x12\n\nsimilarity\x18\x04 \x01(\x01\x12\x14\n\x0ctokens_saved\x18\x05 \x01(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"m\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.frugal.v1.TopLogprob\"\xb8\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.frugal.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.frugal.v1.Usage\x12)\n\x08logprobs\x18\t \x03(\x0b\x32\x17.frugal.v1.TokenLogprob\x12%\n\x06\x66rugal\x18\n \x01(\x0b\x32\x15.frugal.v1.FrugalInfoB\r\n\x0bstop_reason\"\xbe\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.frugal.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.frugal.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\x1f\n\x05usage\x18\t \x01(\x0b\x32\x10.frugal.v1.Usage\x12%\n\x06\x66rugal\x18\n \x01(\x0b\x32\x15.frugal.v1.FrugalInfoB\r\n\x0bstop_reason\"\x9b\x01\n\x14ReportOutcomeRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.frugal.v1.RequestContext\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x14\n\x07quality\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_quality\"\x17\n\x15ReportOutcomeResponse\"d\n\x16ReportToolCallsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.frugal.v1.RequestContext\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\"@\n\nTaskStatus\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\r\x12\x12\n\ntool_calls\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"<\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0c\n\x04path\x18\x03 \x01(\t\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.frugal.v1.ModelInfo\"\x17\n\x15GetEngineStatsRequest\"\xdb\x03\n\x0b\x45ngineStats\x12\x18\n\x10num_total_blocks\x18\x01 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\r\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x16\n\x0enum_unfinished\x18\x05 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x06 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x07 \x01(\x02\x12\x1c\n\x14prefix_cache_queries\x18\x08 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\t \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\n \x01(\x02\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x04\x12\x11\n\tnum_steps\x18\x0c \x01(\x04\x12\r\n\x05ready\x18\r \x01(\x08\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x18\n\x10num_failed_steps\x18\x0f \x01(\x04\x12\x1b\n\x13num_failed_requests\x18\x10 \x01(\x04\x12\x13\n\x0bnum_streams\x18\x11 \x01(\r\x12\x0f\n\x07healthy\x18\x12 \x01(\x08\x12\x18\n\x10unhealthy_reason\x18\x13 \x01(\t\x12\x0e\n\x06\x62usy_s\x18\x14 \x01(\x01*i\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x15\n\x11PRIORITY_STANDARD\x10\x02\x12\x12\n\x0ePRIORITY_BATCH\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x96\x03\n\x10InferenceService\x12\x43\n\x08Generate\x12\x1a.frugal.v1.GenerateRequest\x1a\x1b.frugal.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.frugal.v1.GenerateRequest\x1a!.frugal.v1.GenerateStreamResponse0\x01\x12I\n\nListModels\x12\x1c.frugal.v1.ListModelsRequest\x1a\x1d.frugal.v1.ListModelsResponse\x12R\n\rReportOutcome\x12\x1f.frugal.v1.ReportOutcomeRequest\x1a .frugal.v1.ReportOutcomeResponse\x12K\n\x0fReportToolCalls\x12!.frugal.v1.ReportToolCallsRequest\x1a\x15.frugal.v1.TaskStatus2Z\n\x0c\x44\x65\x62ugService\x12J\n\x0eGetEngineStats\x12 .frugal.v1.GetEngineStatsRequest\x1a\x16.frugal.v1.EngineStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66rugal/v1/inference.proto\x12\tfrugal.v1\"\xd0\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x06 \x01(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x05\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0b \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"o\n\x0eRequestContext\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x13\n\x0bsensitivity\x18\x05 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.frugal.v1.ChatMessage\"\xc1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12/\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x13.frugal.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x17.frugal.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.frugal.v1.SamplingParams\x12%\n\x08priority\x18\x07 \x01(\x0e\x32\x13.frugal.v1.Priority\x12*\n\x07\x63ontext\x18\x08 \x01(\x0b\x32\x19.frugal.v1.RequestContext\x12\x16\n\x0e\x63ontext_chunks\x18\t \x03(\tB\x07\n\x05input\"x\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\r\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\x01\"d\n\nFrugalInfo\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x03 \x01(\t\x12\x12\n\nsimilarity\x18\x04 \x01(\x01\x12\x14\n\x0ctokens_saved\x18\x05 \x01(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"m\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.frugal.v1.TopLogprob\"\xb8\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.frugal.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.frugal.v1.Usage\x12)\n\x08logprobs\x18\t \x03(\x0b\x32\x17.frugal.v1.TokenLogprob\x12%\n\x06\x66rugal\x18\n \x01(\x0b\x32\x15.frugal.v1.FrugalInfoB\r\n\x0bstop_reason\"\xbe\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.frugal.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.frugal.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\x1f\n\x05usage\x18\t \x01(\x0b\x32\x10.frugal.v1.Usage\x12%\n\x06\x66rugal\x18\n \x01(\x0b\x32\x15.frugal.v1.FrugalInfoB\r\n\x0bstop_reason\"\x9b\x01\n\x14ReportOutcomeRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.frugal.v1.RequestContext\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x14\n\x07quality\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_quality\"\x17\n\x15ReportOutcomeResponse\"d\n\x16ReportToolCallsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.frugal.v1.RequestContext\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\"@\n\nTaskStatus\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\r\x12\x12\n\ntool_calls\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"<\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0c\n\x04path\x18\x03 \x01(\t\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.frugal.v1.ModelInfo\"\x17\n\x15GetEngineStatsRequest\"\xdb\x03\n\x0b\x45ngineStats\x12\x18\n\x10num_total_blocks\x18\x01 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\r\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x16\n\x0enum_unfinished\x18\x05 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x06 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x07 \x01(\x02\x12\x1c\n\x14prefix_cache_queries\x18\x08 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\t \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\n \x01(\x02\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x04\x12\x11\n\tnum_steps\x18\x0c \x01(\x04\x12\r\n\x05ready\x18\r \x01(\x08\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x18\n\x10num_failed_steps\x18\x0f \x01(\x04\x12\x1b\n\x13num_failed_requests\x18\x10 \x01(\x04\x12\x13\n\x0bnum_streams\x18\x11 \x01(\r\x12\x0f\n\x07healthy\x18\x12 \x01(\x08\x12\x18\n\x10unhealthy_reason\x18\x13 \x01(\t\x12\x0e\n\x06\x62usy_s\x18\x14 \x01(\x01*i\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x15\n\x11PRIORITY_STANDARD\x10\x02\x12\x12\n\x0ePRIORITY_BATCH\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x96\x03\n\x10InferenceService\x12\x43\n\x08Generate\x12\x1a.frugal.v1.GenerateRequest\x1a\x1b.frugal.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.frugal.v1.GenerateRequest\x1a!.frugal.v1.GenerateStreamResponse0\x01\x12I\n\nListModels\x12\x1c.frugal.v1.ListModelsRequest\x1a\x1d.frugal.v1.ListModelsResponse\x12R\n\rReportOutcome\x12\x1f.frugal.v1.ReportOutcomeRequest\x1a .frugal.v1.ReportOutcomeResponse\x12K\n\x0fReportToolCalls\x12!.frugal.v1.ReportToolCallsRequest\x1a\x15.frugal.v1.TaskStatus2Z\n\x0c\x44\x65\x62ugService\x12J\n\x0eGetEngineStats\x12 .frugal.v1.GetEngineStatsRequest\x1a\x16.frugal.v1.EngineStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'frugal.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=2953
-  _globals['_PRIORITY']._serialized_end=3058
-  _globals['_FINISHREASON']._serialized_start=3060
-  _globals['_FINISHREASON']._serialized_end=3180
+  _globals['_PRIORITY']._serialized_start=2977
+  _globals['_PRIORITY']._serialized_end=3082
+  _globals['_FINISHREASON']._serialized_start=3084
+  _globals['_FINISHREASON']._serialized_end=3204
   _globals['_SAMPLINGPARAMS']._serialized_start=41
   _globals['_SAMPLINGPARAMS']._serialized_end=377
   _globals['_REQUESTCONTEXT']._serialized_start=379
@@ -46,39 +46,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_start=563
   _globals['_CHATMESSAGES']._serialized_end=619
   _globals['_GENERATEREQUEST']._serialized_start=622
-  _globals['_GENERATEREQUEST']._serialized_end=919
-  _globals['_USAGE']._serialized_start=921
-  _globals['_USAGE']._serialized_end=1041
-  _globals['_FRUGALINFO']._serialized_start=1043
-  _globals['_FRUGALINFO']._serialized_end=1143
-  _globals['_TOPLOGPROB']._serialized_start=1145
-  _globals['_TOPLOGPROB']._serialized_end=1207
-  _globals['_TOKENLOGPROB']._serialized_start=1209
-  _globals['_TOKENLOGPROB']._serialized_end=1318
-  _globals['_GENERATERESPONSE']._serialized_start=1321
-  _globals['_GENERATERESPONSE']._serialized_end=1633
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1636
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1954
-  _globals['_REPORTOUTCOMEREQUEST']._serialized_start=1957
-  _globals['_REPORTOUTCOMEREQUEST']._serialized_end=2112
-  _globals['_REPORTOUTCOMERESPONSE']._serialized_start=2114
-  _globals['_REPORTOUTCOMERESPONSE']._serialized_end=2137
-  _globals['_REPORTTOOLCALLSREQUEST']._serialized_start=2139
-  _globals['_REPORTTOOLCALLSREQUEST']._serialized_end=2239
-  _globals['_TASKSTATUS']._serialized_start=2241
-  _globals['_TASKSTATUS']._serialized_end=2305
-  _globals['_LISTMODELSREQUEST']._serialized_start=2307
-  _globals['_LISTMODELSREQUEST']._serialized_end=2326
-  _globals['_MODELINFO']._serialized_start=2328
-  _globals['_MODELINFO']._serialized_end=2388
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2390
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2448
-  _globals['_GETENGINESTATSREQUEST']._serialized_start=2450
-  _globals['_GETENGINESTATSREQUEST']._serialized_end=2473
-  _globals['_ENGINESTATS']._serialized_start=2476
-  _globals['_ENGINESTATS']._serialized_end=2951
-  _globals['_INFERENCESERVICE']._serialized_start=3183
-  _globals['_INFERENCESERVICE']._serialized_end=3589
-  _globals['_DEBUGSERVICE']._serialized_start=3591
-  _globals['_DEBUGSERVICE']._serialized_end=3681
+  _globals['_GENERATEREQUEST']._serialized_end=943
+  _globals['_USAGE']._serialized_start=945
+  _globals['_USAGE']._serialized_end=1065
+  _globals['_FRUGALINFO']._serialized_start=1067
+  _globals['_FRUGALINFO']._serialized_end=1167
+  _globals['_TOPLOGPROB']._serialized_start=1169
+  _globals['_TOPLOGPROB']._serialized_end=1231
+  _globals['_TOKENLOGPROB']._serialized_start=1233
+  _globals['_TOKENLOGPROB']._serialized_end=1342
+  _globals['_GENERATERESPONSE']._serialized_start=1345
+  _globals['_GENERATERESPONSE']._serialized_end=1657
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1660
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1978
+  _globals['_REPORTOUTCOMEREQUEST']._serialized_start=1981
+  _globals['_REPORTOUTCOMEREQUEST']._serialized_end=2136
+  _globals['_REPORTOUTCOMERESPONSE']._serialized_start=2138
+  _globals['_REPORTOUTCOMERESPONSE']._serialized_end=2161
+  _globals['_REPORTTOOLCALLSREQUEST']._serialized_start=2163
+  _globals['_REPORTTOOLCALLSREQUEST']._serialized_end=2263
+  _globals['_TASKSTATUS']._serialized_start=2265
+  _globals['_TASKSTATUS']._serialized_end=2329
+  _globals['_LISTMODELSREQUEST']._serialized_start=2331
+  _globals['_LISTMODELSREQUEST']._serialized_end=2350
+  _globals['_MODELINFO']._serialized_start=2352
+  _globals['_MODELINFO']._serialized_end=2412
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2414
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2472
+  _globals['_GETENGINESTATSREQUEST']._serialized_start=2474
+  _globals['_GETENGINESTATSREQUEST']._serialized_end=2497
+  _globals['_ENGINESTATS']._serialized_start=2500
+  _globals['_ENGINESTATS']._serialized_end=2975
+  _globals['_INFERENCESERVICE']._serialized_start=3207
+  _globals['_INFERENCESERVICE']._serialized_end=3613
+  _globals['_DEBUGSERVICE']._serialized_start=3615
+  _globals['_DEBUGSERVICE']._serialized_end=3705
 # @@protoc_insertion_point(module_scope)

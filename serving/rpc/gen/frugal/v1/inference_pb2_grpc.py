@@ -66,13 +66,22 @@ class InferenceServiceServicer:
 
     def Generate(self, request, context):
         """Runs one request to completion and returns the whole answer.
+
+        Chat requests go through the control plane's prompt optimizer and response caches, as on HTTP
+        POST /v1/chat/completions (a prompt or prompt token ids skips both); a cache hit answers at no cost, with
+        FrugalInfo saying which cache. A request that sets min_tokens, ignore_eos, stop_token_ids or
+        include_stop_str_in_output is never cached (the cache key does not hold them). Per call, the
+        metadata `x-frugal-cache: off` skips the caches, `on` lets a sampled (non-greedy) answer be cached and
+        served; `x-frugal-cache-tags: a,b` tags the stored answer (at most 16). Another value: INVALID_ARGUMENT
+        naming the key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Streams the answer as it is generated; the last chunk carries finish_reason and usage.
+        """Streams the answer as it is generated; the last chunk carries finish_reason and usage. A cache hit is one
+        chunk with the whole text, finish_reason, usage and frugal.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
