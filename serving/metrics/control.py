@@ -53,9 +53,14 @@ class ControlMetrics(ControlObserver):
                             "What the tasks with each outcome cost in all, in USD.", ["outcome"], registry=registry)
         self.tasks = {o: tasks.labels(o) for o in OUTCOMES}
         self.task_cost = {o: task_cost.labels(o) for o in OUTCOMES}
-        escalations = Counter(names.ESCALATIONS.removesuffix("_total"), "Requests escalated to a stronger route.",
-                              ["model_name"], registry=registry)
-        self.escalations = {m: escalations.labels(m) for m in model_names}
+        self.escalations = Counter(names.ESCALATIONS.removesuffix("_total"), "Requests the cascade escalated from "
+                                   "an unsure answer of model_name to to_model.", ["model_name", "to_model"],
+                                   registry=registry)
+        self.fallbacks = Counter(names.ROUTE_FALLBACKS.removesuffix("_total"), "Requests a route (model_name) "
+                                 "failed, by kind (timeout, refused, http_status, garbage, circuit_open, queue_full, "
+                                 "engine_dead), that went on to the next route.", ["model_name", "kind"],
+                                 registry=registry)
+        self.model_names = set(model_names)  # NOTE: routes come from the config: a bounded label set
         self.cache_queries, self.cache_hits = {}, {}
         for kind, queries, hits in (("exact", names.EXACT_CACHE_QUERIES, names.EXACT_CACHE_HITS),
                                     ("semantic", names.SEMANTIC_CACHE_QUERIES, names.SEMANTIC_CACHE_HITS)):
@@ -63,6 +68,10 @@ class ControlMetrics(ControlObserver):
                                                "lookups.", registry=registry)
             self.cache_hits[kind] = Counter(hits.removesuffix("_total"), f"{kind.title()} response-cache hits.",
                                             registry=registry)
+        invalidations = Counter(names.CACHE_INVALIDATIONS.removesuffix("_total"), "Response-cache invalidations "
+                                "over HTTP, by kind: every entry of a tenant, or a tenant's entries with a tag.",
+                                ["kind"], registry=registry)
+        self.cache_invalidations = {k: invalidations.labels(k) for k in ("tenant", "tag")}
         self.tokens_saved = Counter(names.TOKENS_SAVED.removesuffix("_total"), "Prompt tokens the optimizer "
                                     "removed before requests ran.", ["tenant"], registry=registry)
         self.cache_saved = Counter(names.CACHE_SAVED_USD.removesuffix("_total"), "What response-cache hits saved, "
@@ -105,6 +114,18 @@ class ControlMetrics(ControlObserver):
         if hit:
             self.cache_hits[kind].inc()
             self.cache_saved.labels(self._tenant(ctx)).inc(saved_usd)
+
+    def cache_invalidated(self, ctx: RequestContext, kind: str, num_removed: int) -> None:
+        self.cache_invalidations[kind].inc()
+
+    def fallback(self, ctx: RequestContext, route: str, next_route: str | None, kind: str) -> None:
+        self.fallbacks.labels(self._model(route), kind).inc()
+
+    def escalated(self, ctx: RequestContext, route: str, to_route: str) -> None:
+        self.escalations.labels(self._model(route), self._model(to_route)).inc()
+
+    def _model(self, route: str) -> str:
+        return route if route in self.model_names else "other"
 
     def outcome(self, ctx: RequestContext, outcome: str, task_cost_usd: float) -> None:
         self.tasks[outcome].inc()

@@ -47,8 +47,10 @@ EXACT_CACHE_HITS = "frugal:exact_cache_hits_total"  # counter: of those, answere
 SEMANTIC_CACHE_QUERIES = "frugal:semantic_cache_queries_total"  # counter: semantic lookups (after an exact miss)
 SEMANTIC_CACHE_HITS = "frugal:semantic_cache_hits_total"  # counter: of those, answered from the cache
 CACHE_SAVED_USD = "frugal:cache_saved_usd_total"  # counter by tenant: what cache hits saved (the answers' cost)
+CACHE_INVALIDATIONS = "frugal:cache_invalidations_total"  # counter by kind: tenant (all) | tag, over HTTP
 TOKENS_SAVED = "frugal:tokens_saved_total"  # counter by tenant: prompt tokens the optimizer removed
-ESCALATIONS = "frugal:escalations_total"  # counter by model_name: requests escalated to a stronger route
+ESCALATIONS = "frugal:escalations_total"  # counter by model_name (the unsure one) and to_model: cascade escalations
+ROUTE_FALLBACKS = "frugal:route_fallbacks_total"  # counter by model_name and kind: a route failed, the next took it
 
 # -- GPU (nvidia-ml-py; absent without one) -----------------------------------------------------------------------
 GPU_UTILIZATION_PERC = "frugal:gpu_utilization_perc"  # gauge by gpu: 0-1

@@ -31,7 +31,8 @@ class Metrics:
         self.tenants = tenants
 
     @classmethod
-    def install(cls, config: MetricsConfig, engine, plane, model_name: str, stats=None) -> Metrics:
+    def install(cls, config: MetricsConfig, engine, plane, model_name: str, stats=None,
+                route_names: list[str] | None = None) -> Metrics:
         """Hooks metrics into `engine` (an LLMEngine) and `plane` (the ControlPlane). `stats` reads the engine's
         EngineStats from any thread (default: `engine.stats`)."""
         # NOTE: the *_created series double the exposition and no dashboard reads them (vLLM turns them off too).
@@ -49,7 +50,7 @@ class Metrics:
                       "enable_prefix_caching": str(engine.config.enable_prefix_caching),
                       "cache_dtype": engine.config.dtype}
         registry.register(EngineCollector(stats or engine.stats, model_name, config, cache_info))
-        control = ControlMetrics(registry, plane, tenants, workflows, [model_name])
+        control = ControlMetrics(registry, plane, tenants, workflows, route_names or [model_name])
         plane.observer = control
         registry.register(control)
         registry.register(GpuCollector())

@@ -109,7 +109,8 @@ def build_state(config: ServeConfig) -> ServerState:
     if config.metrics.enabled:
         from serving.metrics.registry import Metrics
 
-        metrics = Metrics.install(config.metrics, engine, control, name, stats=async_llm.stats)
+        routes = [r.id for r in config.router.routes] if config.router is not None else None
+        metrics = Metrics.install(config.metrics, engine, control, name, stats=async_llm.stats, route_names=routes)
     return ServerState(async_llm=async_llm, tokenizers=tokenizers, control=control, model_name=name,
                        max_model_len=engine.max_model_len, limits=config.limits,
                        retry_after_ms=config.retry_after_ms, metrics=metrics, optimizer=config.optimizer,
