@@ -340,3 +340,19 @@ def test_config_defaults_and_errors_name_the_key():
         caches_config({"exact": {"ttl": 5}})
     with pytest.raises(ValueError, match="tenant"):
         CacheRequest(tenant="", route="r", messages=())
+
+
+@pytest.mark.parametrize("change", [{"min_tokens": 4}, {"ignore_eos": True}, {"stop_token_ids": [7]},
+                                    {"include_stop_str_in_output": True}, {"skip_special_tokens": False},
+                                    {"max_tokens": 9}, {"seed": 3}, {"logprobs": 0}])
+def test_every_sampling_field_that_changes_the_answer_is_in_the_exact_key(change):
+    from serving.control.caches.keys import exact_key, sampling_of
+    from serving.engine.sampling_params import SamplingParams
+
+    def key(params):
+        return exact_key(CacheRequest(tenant="t", route="r", messages=({"role": "user", "content": "hi"},),
+                                      sampling=sampling_of(params)))
+
+    base = dict(max_tokens=8, temperature=0.0, stop=["\n"])
+    assert key(SamplingParams(**base)) == key(SamplingParams(**base))
+    assert key(SamplingParams(**base)) != key(SamplingParams(**{**base, **change}))

@@ -12,7 +12,8 @@ import time
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from serving.control.caches import CacheHit, CacheRequest, Sampling
+from serving.control.caches import CacheHit, CacheRequest
+from serving.control.caches.keys import sampling_of
 from serving.http.errors import APIError
 from serving.http.generation import Job
 from serving.http.responses import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
@@ -34,10 +35,7 @@ def cache_request(request: Request, job: Job, messages: list[dict], route: str) 
     if len(tags) > _MAX_TAGS:
         raise APIError(400, f"x-frugal-cache-tags takes at most {_MAX_TAGS} tags, got {len(tags)}",
                        param="x-frugal-cache-tags", code="invalid_header")
-    p = job.params
-    sampling = Sampling(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_tokens,
-                        stop=tuple(p.stop), seed=p.seed, logprobs=p.logprobs is not None,
-                        top_logprobs=p.logprobs, n=job.n)
+    sampling = sampling_of(job.params, job.n)
     return CacheRequest(tenant=job.ctx.tenant, route=route,
                         messages=tuple({"role": m["role"], "content": m["content"]} for m in messages),
                         sampling=sampling, tags=tags, cache_nondeterministic=mode == "on")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serving.control.caches import CacheHit, CacheRequest, Sampling
+from serving.control.caches import CacheHit, CacheRequest
+from serving.control.caches.keys import sampling_of
 from serving.control.context import RequestContext
 from serving.engine.sampling_params import SamplingParams
 from serving.rpc import convert
@@ -47,16 +48,10 @@ def cache_options(metadata) -> CacheOptions:
 def cache_request(ctx: RequestContext, params: SamplingParams, messages: list[dict] | None, route: str,
                   options: CacheOptions) -> CacheRequest | None:
     """How the caches see a checked (and optimized) chat call; None when no cache may take it: caches off for
-    this call, a prompt rather than chat messages, or a sampling field the cache key does not hold."""
+    this call, or a prompt rather than chat messages."""
     if not options.enabled or messages is None:
         return None
-    # NOTE: Sampling (the exact key) has no field for these, so two calls that differ only here would share an
-    # answer: such a call is never cached.
-    if params.min_tokens or params.ignore_eos or params.stop_token_ids or params.include_stop_str_in_output:
-        return None
-    sampling = Sampling(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                        max_tokens=params.max_tokens, stop=tuple(params.stop), seed=params.seed,
-                        logprobs=params.logprobs is not None, top_logprobs=params.logprobs, n=1)
+    sampling = sampling_of(params)
     return CacheRequest(tenant=ctx.tenant, route=route,
                         messages=tuple({"role": m["role"], "content": m["content"]} for m in messages),
                         sampling=sampling, tags=options.tags,

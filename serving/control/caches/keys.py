@@ -61,11 +61,26 @@ class Sampling:
     repetition_penalty: float | None = None
     n: int = 1  # choices per prompt
     response_format: str | None = None  # JSON text of the client's response_format / grammar, if any
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     @property
     def deterministic(self) -> bool:
         """Greedy decoding or a fixed seed: the same request gets the same answer, so caching it is exact."""
         return self.temperature == 0 or self.top_k == 1 or self.seed is not None
+
+
+def sampling_of(params, n: int = 1) -> Sampling:
+    """The exact key's sampling part of an engine SamplingParams (every field that changes the answer)."""
+    return Sampling(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                    max_tokens=params.max_tokens, stop=tuple(params.stop), seed=params.seed,
+                    logprobs=params.logprobs is not None, top_logprobs=params.logprobs, n=n,
+                    min_tokens=params.min_tokens, skip_special_tokens=params.skip_special_tokens,
+                    ignore_eos=params.ignore_eos, stop_token_ids=tuple(params.stop_token_ids),
+                    include_stop_str_in_output=params.include_stop_str_in_output)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +114,17 @@ class CacheRequest:
         if self.sampling.n != 1 or self.sampling.logprobs or self.sampling.top_logprobs:
             return False
         return self.sampling.deterministic or self.cache_nondeterministic
+
+
+def check_tag(tag: str) -> None:
+    """Raises ValueError unless `tag` is one tag as `x-frugal-cache-tags` stores it: not empty, no comma, no
+    leading or trailing spaces.
+
+    NOTE: refused rather than normalised: invalidating a tag no entry can carry would quietly remove nothing.
+    """
+    if not isinstance(tag, str) or not tag or tag != tag.strip() or "," in tag:
+        raise ValueError(f"tag must be one tag as x-frugal-cache-tags stores it (not empty, no comma, no leading "
+                         f"or trailing spaces), got {tag!r}")
 
 
 def tenant_namespace(tenant: str) -> str:
