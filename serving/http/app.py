@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from serving.http.body_limit import BodyLimitMiddleware
+from serving.http.cache_admin import install_cache_routes
 from serving.http.chat import create_chat_completion
 from serving.http.completions import create_completion
 from serving.http.control import install_control_routes
@@ -31,7 +32,12 @@ def create_app(state: ServerState) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=state.limits.max_body_bytes)
 
-    def model_card() -> ModelCard:
+    def model_card(model_id: str | None = None) -> ModelCard:
+        served = state.models.get(model_id) if model_id is not None else None
+        if served is not None:
+            return ModelCard(id=served.id, created=state.created, max_model_len=served.max_model_len)
+        if model_id is not None and model_id in state.upstreams:
+            return ModelCard(id=model_id, created=state.created, owned_by="external")
         return ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
 
     @app.get("/healthz")
@@ -58,10 +64,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
+        if state.routing:
+            return ModelList(data=[model_card(m) for m in state.model_ids()])
         return ModelList(data=[model_card()])
 
     @app.get("/v1/models/{model:path}")
     async def retrieve_model(model: str) -> ModelCard:
+        if state.routing and model in state.model_ids():
+            return model_card(model)
         check_model(state, model)
         return model_card()
 
@@ -74,6 +84,7 @@ def create_app(state: ServerState) -> FastAPI:
         return await create_completion(ctx, body, request)
 
     install_control_routes(app, state)
+    install_cache_routes(app, state)
     app.include_router(dashboard_router())  # operator page over /metrics (no key, like /metrics)
 
     return app
