@@ -178,13 +178,18 @@ def test_semantic_guard_refuses_a_close_polarity_flip(embedder):
     asyncio.run(body())
 
 
-def test_semantic_cache_stores_whole_answers_and_respects_max_tokens():
+def test_semantic_cache_serves_an_answer_only_to_a_request_that_could_have_got_it():
     async def body():
         caches = ResponseCaches(config(exact=False), LocalStore(), embedder=FakeEmbedder())
-        assert not await caches.semantic.put(req("Cut short?"), answer(finish_reason="length"))
+        assert not await caches.semantic.put(req("Aborted?"), answer(finish_reason="abort"))
         await caches.store(req(), answer(completion_tokens=200))
-        assert await caches.lookup(req(max_tokens=500)) is not None
-        assert await caches.lookup(req(max_tokens=100)) is None
+        assert await caches.lookup(req(max_tokens=500)) is not None  # a whole answer within the budget
+        assert await caches.lookup(req(max_tokens=100)) is None  # longer than this request may be
+        cut = "How do I change my billing address?"
+        assert await caches.semantic.put(req(cut, max_tokens=64), answer(finish_reason="length", completion_tokens=64))
+        assert await caches.lookup(req(cut, max_tokens=64)) is not None  # cut where this one would be cut
+        assert await caches.lookup(req(cut, max_tokens=128)) is None  # this one would have gone on
+        assert await caches.lookup(req(cut, max_tokens=32)) is None
     asyncio.run(body())
 
 

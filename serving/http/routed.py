@@ -229,9 +229,14 @@ async def _serve(ctx, body, request, caller, plan: Plan, messages, result, reque
                 control.observer.escalated(caller, route.id, stronger.id)
                 plan.notes.append(f"cascade: {verdict.reason}")
                 try:
+                    unsure = answer
                     answer = await _attempt(ctx, body, request, caller, plan, stronger, messages, result, request_id,
                                             "; ".join([plan.reason, *plan.notes]), escalated_from=route.id,
                                             num_prompt_tokens=num_prompt_tokens)
+                    # NOTE: the request cost both answers: the response (and what a cache hit later saves) says so
+                    answer.cost_usd += unsure.cost_usd
+                    spent = answer.completion.usage.model_copy(update={"cost_usd": answer.cost_usd})
+                    answer.completion = answer.completion.model_copy(update={"usage": spent})
                 except RouteFailed as e:  # NOTE: the first answer stands: unsure beats none
                     control.observer.fallback(caller, stronger.id, route.id, e.kind)
                     plan.notes.append(f"escalation to {stronger.id} failed ({e.kind}): kept {route.id}'s answer")

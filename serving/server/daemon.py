@@ -119,7 +119,7 @@ def build_state(config: ServeConfig) -> ServerState:
 
 def _routing(config: ServeConfig, control, accounting_of: dict):
     """The external clients and the router over `models:` (({}, None) with one model)."""
-    from serving.control.cost import CostModel
+    from serving.control.cost import DEFAULT_S_PER_TOKEN, CostModel
     from serving.control.router import Router
     from serving.control.router.decision import RoutePrice
     from serving.control.upstream import UpstreamClient
@@ -129,15 +129,18 @@ def _routing(config: ServeConfig, control, accounting_of: dict):
         return upstreams, None
 
     def price_of(route) -> RoutePrice:
-        """A self-hosted route priced by time: its engine's recent time per token at the accelerator's price.
-        NOTE: a prompt token is costed like a generated one: dearer than it is (prefill batches well), so the
-        router errs towards the external route's known price, never towards an engine it underestimated."""
+        """A self-hosted route priced by time: its engine's measured time per token at the accelerator's price.
+        A prompt token at the engine's mean step time per computed token (prefill batches well), a generated one
+        at a lone decode step's (the dearest a token gets). NOTE: both before any measurement: DEFAULT_S_PER_TOKEN."""
         model_id = route.model.split(":", 1)[1]
         accounting = accounting_of.get(model_id)
         per_s = CostModel(control.config.price_of(model_id)).usd_per_s
-        s_per_token = CostModel.worst_s_per_token(accounting.solo_s_per_token if accounting else None) / 2
-        usd_per_m = per_s * s_per_token * 1e6
-        return RoutePrice(usd_per_m, usd_per_m)
+        totals = accounting.totals if accounting is not None else None
+        mean = totals.step_time_s / totals.num_batched_tokens if totals is not None and totals.num_batched_tokens \
+            else DEFAULT_S_PER_TOKEN
+        solo = accounting.solo_s_per_token if accounting is not None and accounting.solo_s_per_token \
+            else DEFAULT_S_PER_TOKEN
+        return RoutePrice(per_s * mean * 1e6, per_s * solo * 1e6)
 
     router = Router.from_config(config.router, price_of=price_of)
     logger.info("router: %d routes (%s)%s", len(config.router.routes), ", ".join(r.id for r in config.router.routes),

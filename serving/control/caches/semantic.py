@@ -31,6 +31,14 @@ def entry_id_of(question: str) -> str:
     return hashlib.sha256(question.encode()).hexdigest()[:32]
 
 
+def _fits(response: CachedResponse, max_tokens: int | None) -> bool:
+    """Whether a stored answer is one a request allowed `max_tokens` could have got: a complete answer no longer
+    than that, or an answer cut at exactly that length."""
+    if response.finish_reason == "length":
+        return max_tokens is not None and response.completion_tokens == max_tokens
+    return max_tokens is None or response.completion_tokens <= max_tokens
+
+
 class SemanticCache:
     def __init__(self, config: SemanticCacheConfig, store: CacheStore, embedder=None,
                  clock: Callable[[], float] = time.time):
@@ -89,8 +97,8 @@ class SemanticCache:
         for i, entry in zip(candidates, entries):
             if entry is None or entry.scope_key != scope.key:
                 continue
-            if max_tokens is not None and entry.response.completion_tokens > max_tokens:
-                continue  # the stored answer is longer than this request may be
+            if not _fits(entry.response, max_tokens):
+                continue
             reason = refusal(asked, signature(entry.question))
             if reason is not None:
                 self.num_refused += 1
@@ -103,9 +111,11 @@ class SemanticCache:
     async def put(self, request: CacheRequest, response: CachedResponse) -> bool:
         """Called once the request is done; returns whether the answer was stored.
 
-        NOTE: only complete answers ("stop"): a cut answer served for another phrasing would look like a bug.
+        NOTE: a complete answer ("stop"), or one cut at max_tokens ("length"); a cut one is only served to a request
+        with the same max_tokens (`_fits`), which would have been cut at the same length. Nothing else (an abort,
+        an error) is an answer.
         """
-        if not self.config.enabled or not self.eligible(request) or response.finish_reason != "stop":
+        if not self.config.enabled or not self.eligible(request) or response.finish_reason not in ("stop", "length"):
             return False
         question = question_of(request)
         if question is None:
