@@ -361,3 +361,23 @@ def test_every_sampling_field_that_changes_the_answer_is_in_the_exact_key(change
     base = dict(max_tokens=8, temperature=0.0, stop=["\n"])
     assert key(SamplingParams(**base)) == key(SamplingParams(**base))
     assert key(SamplingParams(**base)) != key(SamplingParams(**{**base, **change}))
+
+
+def test_questions_from_one_template_are_compared_where_they_differ(embedder):
+    from serving.control.caches.template import differing_parts
+
+    template = ("Classify this support ticket into one category: billing, technical, account or shipping. "
+                "Reply with the category word only. Ticket: {}")
+    setup, send = template.format("How do I set up recurring invoices?"), template.format("How do I send an invoice reminder?")
+    assert differing_parts(setup, send) == ("How do I set up recurring invoices?", "How do I send an invoice reminder?")
+    assert differing_parts("How do I reset my password?", "How can I reset my password?") is None  # no template
+
+    async def body():
+        caches = ResponseCaches(config(exact=False), LocalStore(), embedder=embedder)
+        await caches.store(req(setup), answer("billing"))
+        assert float(embedder.encode_one(setup) @ embedder.encode_one(send)) >= caches.config.semantic.threshold
+        assert await caches.lookup(req(send)) is None  # the shared instruction alone made them look alike
+        same = template.format("How can I set up invoices that recur?")
+        hit = await caches.lookup(req(same))
+        assert hit is not None and hit.response.text == "billing"
+    asyncio.run(body())

@@ -118,6 +118,16 @@ def test_a_stream_is_served_from_the_cache(daemon):
     assert chunks[-1]["frugal"]["cache"] == "exact"
 
 
+def test_a_streamed_answer_is_stored_too(daemon):
+    key = create_key(daemon, "streamed-first")
+    question = "Do you ship to Canada?"
+    resp = chat(daemon, key, question, stream=True)
+    chunks = [json.loads(line[6:]) for line in resp.text.splitlines() if line.startswith("data: {")]
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    hit = until_cached(daemon, key, question)  # nobody asked unary first: the stream's answer was stored
+    assert hit["choices"][0]["message"]["content"] == streamed and hit["usage"]["cost_usd"] == 0
+
+
 def test_a_tenant_never_gets_another_tenants_answer(daemon):
     owner = create_key(daemon, "owner")
     chat(daemon, owner, "Where is my invoice for March?")

@@ -4,6 +4,8 @@ A step's wall time is split among the requests in it by the tokens each computed
 share of accelerator time and the shares of all requests add up to the engine's busy time. Prefix-cache hits
 cost nothing (no token is computed for them). `solo_s_per_token` follows what a token costs in a step of one or
 two tokens, the dearest a token gets (a lone decode); the control plane reserves budgets from it.
+`bulk_s_per_token` follows what a token costs in a big step (a prefill chunk, a wide batch): the router prices
+a self-hosted route's prompt tokens from it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from serving.engine.stats import StepTotals
 
 _SOLO_MAX_TOKENS = 2  # a step this small is a lone decode (or two): its per-token cost is the worst case
 _SOLO_EWMA = 0.1  # weight of the newest solo step
+BULK_MIN_TOKENS = 64  # a step this big is a prefill chunk or a wide batch: its per-token cost is the cheap end
 
 
 @dataclass(slots=True)
@@ -33,6 +36,7 @@ class StepAccounting:
         self.records: deque[StepRecord] = deque(maxlen=num_records)  # the latest steps
         self.totals = StepTotals()
         self.solo_s_per_token: float | None = None  # None until a small step ran
+        self.bulk_s_per_token: float | None = None  # None until a step of BULK_MIN_TOKENS or more ran
 
     def record(self, sched_out, tenants: dict[str, str], metrics: dict[str, RequestMetrics], step_time: float) -> None:
         """Called once per executed step, with every scheduled request's metrics (finished ones included)."""
@@ -40,10 +44,13 @@ class StepAccounting:
         tokens = {s.req_id: s.num_tokens for s in sched_out.seqs}
         for req_id, n in tokens.items():
             metrics[req_id].busy_s += step_time * n / num_tokens
+        per_token = step_time / num_tokens
         if num_tokens <= _SOLO_MAX_TOKENS:
-            per_token = step_time / num_tokens
             self.solo_s_per_token = per_token if self.solo_s_per_token is None else \
                 (1 - _SOLO_EWMA) * self.solo_s_per_token + _SOLO_EWMA * per_token
+        elif num_tokens >= BULK_MIN_TOKENS:
+            self.bulk_s_per_token = per_token if self.bulk_s_per_token is None else \
+                (1 - _SOLO_EWMA) * self.bulk_s_per_token + _SOLO_EWMA * per_token
         self.records.append(StepRecord(step_time, sched_out.schedule_time_s, num_tokens, tokens, tenants))
         totals = self.totals
         totals.num_executed_steps += 1

@@ -123,25 +123,37 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
                                                  elapsed_ms(started))
             return cached_chat_response(job, state.model_name, len(ids), hit, body.stream, body.include_usage)
     await admit_job(state, job)
-    result = await run_chat_job(ctx, body, request, job)
+    result = await run_chat_job(ctx, body, request, job, cache_req, len(ids))
     if isinstance(result, SSEResponse):
         return result
     finals, settlement = result
     completion = chat_completion(ctx, body, job, finals, settlement, state.model_name, frugal_info(job))
-    if cache_req is not None and settlement.status == "ok" and len(finals) == 1:
-        out = finals[0]
-        state.control.remember_answer(cache_req, out.text, out.finish_reason, len(ids), len(out.token_ids),
-                                            settlement.cost_usd, state.model_name)
+    remember(state, cache_req, finals, settlement, len(ids))
     return Response(completion.model_dump_json(), media_type="application/json",
                     headers={"x-request-id": job.request_id})
 
 
-async def run_chat_job(ctx: ServingContext, body: ChatCompletionRequest, request: Request, job: Job):
-    """Runs an admitted chat job on `ctx.state`'s engine: the SSE response, or (finals, settlement)."""
+async def run_chat_job(ctx: ServingContext, body: ChatCompletionRequest, request: Request, job: Job,
+                       cache_req=None, num_prompt_tokens: int = 0):
+    """Runs an admitted chat job on `ctx.state`'s engine: the SSE response, or (finals, settlement). A stream
+    that ends whole stores its answer under `cache_req` (a finished answer is stored by the caller)."""
     state = ctx.state
     usage_chunk = ChatCompletionChunk(id=job.request_id, created=job.created, model=state.model_name, choices=[])
+    on_done = None
+    if cache_req is not None and job.num_choices == 1:
+        def on_done(finals, settlement):
+            remember(state, cache_req, finals, settlement, num_prompt_tokens)
     return await run_job(request, state, body, job, lambda: _prelude(job, state.model_name),
-                         _chunk_renderer(ctx, job), usage_chunk)
+                         _chunk_renderer(ctx, job), usage_chunk, on_done)
+
+
+def remember(state, cache_req, finals: dict, settlement, num_prompt_tokens: int) -> None:
+    """A successful single answer goes into the response caches (in the background)."""
+    if cache_req is None or settlement.status != "ok" or len(finals) != 1:
+        return
+    out = finals[0]
+    state.control.remember_answer(cache_req, out.text, out.finish_reason, num_prompt_tokens, len(out.token_ids),
+                                  settlement.cost_usd, state.model_name)
 
 
 def chat_completion(ctx: ServingContext, body: ChatCompletionRequest, job: Job, finals: dict, settlement, model: str,

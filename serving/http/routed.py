@@ -210,7 +210,8 @@ async def _serve(ctx, body, request, caller, plan: Plan, messages, result, reque
         reason = "; ".join([plan.reason, *plan.notes])
         try:
             answer = await _attempt(ctx, body, request, caller, plan, route, messages, result, request_id, reason,
-                                    want_logprobs=cascade is not None and i == 0, num_prompt_tokens=num_prompt_tokens)
+                                    want_logprobs=cascade is not None and i == 0, num_prompt_tokens=num_prompt_tokens,
+                                    cache_req=cache_req)
         except RouteFailed as e:
             failures.append(e)
             nxt = plan.routes[i + 1].id if i + 1 < len(plan.routes) else None
@@ -260,12 +261,12 @@ def _respond(ctx, body, plan: Plan, answer: Answer, request_id: str, cache_req, 
 
 async def _attempt(ctx, body, request, caller, plan: Plan, route: RouteConfig, messages, result, request_id: str,
                    reason: str, want_logprobs: bool = False, escalated_from: str | None = None,
-                   num_prompt_tokens: int = 0):
+                   num_prompt_tokens: int = 0, cache_req=None):
     model_id = route.model.split(":", 1)[1]
     state = ctx.state
     if model_id in state.models:
         return await _local(ctx, body, request, caller, plan, route, model_id, messages, result, request_id, reason,
-                            want_logprobs, escalated_from)
+                            want_logprobs, escalated_from, cache_req if body.stream else None)
     client = state.upstreams[model_id]
     max_tokens = body.requested_max_tokens or (result.max_tokens if result is not None else None) or 1024
     if result is not None and result.max_tokens is not None:
@@ -293,7 +294,7 @@ async def _attempt(ctx, body, request, caller, plan: Plan, route: RouteConfig, m
 
 
 async def _local(ctx, body, request, caller, plan: Plan, route: RouteConfig, model_id: str, messages, result,
-                 request_id: str, reason: str, want_logprobs: bool, escalated_from: str | None):
+                 request_id: str, reason: str, want_logprobs: bool, escalated_from: str | None, stream_cache_req=None):
     view = served_view(ctx, model_id)
     ids = await run_for_client(request, view.state, body, chat_ids(view.state, messages))
     logprobs = body.engine_logprobs if body.engine_logprobs is not None else (0 if want_logprobs else None)
@@ -306,7 +307,7 @@ async def _local(ctx, body, request, caller, plan: Plan, route: RouteConfig, mod
         admission.close()  # no engine request started: the admission releases everything
         raise _Downgrade()
     try:
-        out = await run_chat_job(view, body, request, job)
+        out = await run_chat_job(view, body, request, job, stream_cache_req, len(ids))
     except APIError as e:
         if e.code in _FALLBACK_STATUSES.get(e.status_code, ()):
             raise RouteFailed(route.id, e.code, e.message) from e

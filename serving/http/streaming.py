@@ -52,10 +52,12 @@ def sse(payload: BaseModel | dict) -> str:
 
 async def sse_events(first: ChoiceOutput, outputs: AsyncIterator[ChoiceOutput], job: Job, prelude: list[BaseModel],
                      render: RenderChunk, usage_chunk: BaseModel | None,
-                     to_api_error: Callable[[Exception], APIError | None]) -> AsyncIterator[str]:
+                     to_api_error: Callable[[Exception], APIError | None],
+                     on_done: Callable[[dict, object], None] | None = None) -> AsyncIterator[str]:
     """The whole event stream of one response. `first` was already taken from `outputs`; `usage_chunk` is the
     empty last chunk that will carry the usage and the `frugal` object (None: no usage chunk, and both ride on
-    the last choice's final chunk). The last chunk goes out only once the request's ledger row is committed."""
+    the last choice's final chunk). The last chunk goes out only once the request's ledger row is committed.
+    `on_done(finals, settlement)` hears a stream that ended whole (to store its answer in the caches)."""
     finals: dict[int, RequestOutput] = {}
     settlement = None
     index, out = first
@@ -82,6 +84,8 @@ async def sse_events(first: ChoiceOutput, outputs: AsyncIterator[ChoiceOutput], 
             yield sse(usage_chunk.model_copy(update={"usage": usage(job, finals, settlement),
                                                      "frugal": frugal_info(job)}))
         yield DONE
+        if on_done is not None and settlement is not None and len(finals) == job.num_choices:
+            on_done(finals, settlement)
     except Exception as e:  # after the headers, an error can only travel as an event
         err = to_api_error(e)
         if err is None:
@@ -96,7 +100,7 @@ async def sse_events(first: ChoiceOutput, outputs: AsyncIterator[ChoiceOutput], 
 
 
 async def run_job(request: Request, state, body: GenerateRequest, job: Job, prelude: Callable[[], list[BaseModel]],
-                  render: RenderChunk, usage_chunk: BaseModel):
+                  render: RenderChunk, usage_chunk: BaseModel, on_done: Callable[[dict, object], None] | None = None):
     """Runs an admitted job: the SSE response when the body asks to stream, else (finals, settlement) once every
     choice has finished and the request's ledger row is committed. The admission is closed either way (by the
     event stream, when there is one)."""
@@ -106,7 +110,7 @@ async def run_job(request: Request, state, body: GenerateRequest, job: Job, prel
         if body.stream:
             first = await run_for_client(request, state, body, anext(outputs))
             events = sse_events(first, outputs, job, prelude(), render, usage_chunk if body.include_usage else None,
-                                lambda e: api_error(e, state, body))
+                                lambda e: api_error(e, state, body), on_done)
             streaming = True
             return SSEResponse(events, outputs, job.request_id)
         finals = await run_for_client(request, state, body, collect(outputs, job))

@@ -27,6 +27,9 @@ from serving.server_state import ServerState
 logger = logging.getLogger(__name__)
 
 WARMUP_PROMPT = "Hello"
+# NOTE: long enough for one prefill step of BULK_MIN_TOKENS or more, so a token's cost in a big step is measured
+# before the router first prices this engine
+WARMUP_PREFILL = " ".join(["The quick brown fox jumps over the lazy dog."] * 16)
 ENGINE_CHECK_INTERVAL_S = 0.1
 
 
@@ -129,18 +132,15 @@ def _routing(config: ServeConfig, control, accounting_of: dict):
         return upstreams, None
 
     def price_of(route) -> RoutePrice:
-        """A self-hosted route priced by time: its engine's measured time per token at the accelerator's price.
-        A prompt token at the engine's mean step time per computed token (prefill batches well), a generated one
-        at a lone decode step's (the dearest a token gets). NOTE: both before any measurement: DEFAULT_S_PER_TOKEN."""
+        """A self-hosted route priced by time: its engine's measured time per token at the accelerator's price,
+        a prompt token at a big step's (prefill batches well), a generated one at a lone decode's (the dearest a
+        token gets). The warm-up measures both before the first request; DEFAULT_S_PER_TOKEN until then."""
         model_id = route.model.split(":", 1)[1]
         accounting = accounting_of.get(model_id)
         per_s = CostModel(control.config.price_of(model_id)).usd_per_s
-        totals = accounting.totals if accounting is not None else None
-        mean = totals.step_time_s / totals.num_batched_tokens if totals is not None and totals.num_batched_tokens \
-            else DEFAULT_S_PER_TOKEN
-        solo = accounting.solo_s_per_token if accounting is not None and accounting.solo_s_per_token \
-            else DEFAULT_S_PER_TOKEN
-        return RoutePrice(per_s * mean * 1e6, per_s * solo * 1e6)
+        bulk = getattr(accounting, "bulk_s_per_token", None) or DEFAULT_S_PER_TOKEN
+        solo = getattr(accounting, "solo_s_per_token", None) or DEFAULT_S_PER_TOKEN
+        return RoutePrice(per_s * bulk * 1e6, per_s * solo * 1e6)
 
     router = Router.from_config(config.router, price_of=price_of)
     logger.info("router: %d routes (%s)%s", len(config.router.routes), ", ".join(r.id for r in config.router.routes),
@@ -154,10 +154,12 @@ async def warm_up(state: ServerState) -> None:
 
     for model_id in state.models or [state.model_name]:
         view = state.view(model_id) if state.models else state
-        prompt_ids = await view.tokenizers.encode(WARMUP_PROMPT)
-        async for _ in view.async_llm.generate({"prompt": WARMUP_PROMPT, "prompt_token_ids": prompt_ids},
-                                               SamplingParams(max_tokens=2, temperature=0.0), req_id="warmup"):
-            pass
+        for i, prompt in enumerate((WARMUP_PROMPT, WARMUP_PREFILL)):
+            prompt_ids = await view.tokenizers.encode(prompt)
+            async for _ in view.async_llm.generate({"prompt": prompt, "prompt_token_ids": prompt_ids},
+                                                   SamplingParams(max_tokens=2, temperature=0.0),
+                                                   req_id=f"warmup-{i}"):
+                pass
 
 
 class _HttpServer:

@@ -20,6 +20,7 @@ from serving.control.caches.entry import CachedResponse, CacheEntry, CacheHit
 from serving.control.caches.guard import refusal, signature
 from serving.control.caches.keys import CacheRequest, question_of, scope_of
 from serving.control.caches.store import CacheStore
+from serving.control.caches.template import differing_parts
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ class SemanticCache:
                 continue
             if not _fits(entry.response, max_tokens):
                 continue
-            reason = refusal(asked, signature(entry.question))
+            reason = refusal(asked, signature(entry.question)) or await self._template_refusal(
+                question, entry.question, similarity_threshold=threshold)
             if reason is not None:
                 self.num_refused += 1
                 logger.debug("semantic cache: refused %r for %r (%s)", entry.question, question, reason)
@@ -107,6 +109,20 @@ class SemanticCache:
             return CacheHit(kind="semantic", response=entry.response, similarity=float(similarities[i]),
                             age_s=now - entry.created_at, matched_question=entry.question)
         return None
+
+    async def _template_refusal(self, question: str, cached: str, similarity_threshold: float) -> str | None:
+        """Two questions from one template must also agree where they differ: the payload's meaning, not the
+        shared instruction's, decides."""
+        parts = differing_parts(question, cached)
+        if parts is None or parts[0] == parts[1]:
+            return None
+        if not parts[0] or not parts[1]:
+            return f"one template, and only one of them adds {parts[0] or parts[1]!r}"
+        a, b = await asyncio.gather(self._vector(parts[0]), self._vector(parts[1]))
+        similarity = float(a @ b)
+        if similarity < similarity_threshold:
+            return f"one template, different payloads ({parts[0]!r} vs {parts[1]!r}: similarity {similarity:.3f})"
+        return refusal(signature(parts[0]), signature(parts[1]))
 
     async def put(self, request: CacheRequest, response: CachedResponse) -> bool:
         """Called once the request is done; returns whether the answer was stored.
