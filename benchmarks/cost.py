@@ -119,8 +119,8 @@ def start(args, workdir: Path) -> tuple[DaemonProcess, DaemonProcess]:
          "quality": 1, "upstream": {"timeout_s": {"first_byte": 120, "total": 300}}},
     ]
     steps = {"whitespace": True, "dedupe": True, "max_tokens_cap": 128,
-             "trim_history": {"max_prompt_tokens": 1200, "keep_last_turns": 4},
-             "context": {"max_tokens": 300, "min_similarity": 0.25}}
+             "trim_history": {"max_prompt_tokens": 1500, "keep_last_turns": 6},
+             "context": {"max_tokens": 400, "min_similarity": 0.2}}
     main = DaemonProcess(
         workdir / "main", http=True, engine=ENGINE, models=models,
         control={"auth": "keys", "pricing": {"self_hosted_usd_per_hour": args.self_hosted_usd_per_hour}},
@@ -285,8 +285,8 @@ def parse_args(argv):
                    help="the self-hosted node's price (default $0.10/h: a 2-vCPU VM)")
     p.add_argument("--strong-usd-per-m-input", type=float, default=0.60, help="the external API's input price")
     p.add_argument("--strong-usd-per-m-output", type=float, default=2.40, help="the external API's output price")
-    p.add_argument("--cascade-min-mean-logprob", type=float, default=-1.0,
-                   help="a cheaper answer whose mean token logprob is below this escalates (default -1.0)")
+    p.add_argument("--cascade-min-mean-logprob", type=float, default=-1.5,
+                   help="a cheaper answer whose mean token logprob is below this escalates (default -1.5)")
     p.add_argument("--semantic-threshold", type=float, default=0.85)
     return p.parse_args(argv)
 

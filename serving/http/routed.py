@@ -127,7 +127,7 @@ def _latency_target(request: Request) -> float | None:
 
 
 async def _plan(ctx: ServingContext, request: Request, caller: RequestContext, pinned: str | None,
-                messages: list[dict], num_prompt_tokens: int, max_tokens: int, over_soft_budget: bool) -> Plan:
+                question: str | None, num_prompt_tokens: int, max_tokens: int, over_soft_budget: bool) -> Plan:
     state = ctx.state
     if pinned is not None:
         return Plan([_route_of(state, pinned)], f"{pinned}: the model the client asked for", None)
@@ -136,7 +136,6 @@ async def _plan(ctx: ServingContext, request: Request, caller: RequestContext, p
         raise APIError(400, f"this server has no router: name one of {', '.join(state.model_ids())} as the model",
                        param="model", code="model_required")
     task_type = request.headers.get("x-frugal-task-type") or None
-    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
     route_request = RouteRequest(tenant=caller.tenant, private=caller.private, prompt=question, task_type=task_type,
                                  latency_target_ms=_latency_target(request), over_soft_budget=over_soft_budget,
                                  prompt_tokens=num_prompt_tokens, max_tokens=max_tokens, chat=True)
@@ -176,6 +175,9 @@ async def routed_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     # route and the cache key; each self-hosted route tokenizes again with its own tokenizer.
     counter = served_view(ctx, pinned if pinned in state.models else chat_models[0].id)
     messages = template_messages(ctx, body)
+    # NOTE: the router reads the question as the client asked it, before the optimizer packs context chunks into
+    # it: retrieved text says nothing about how hard the question is
+    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
     result = await run_for_client(request, state, body, optimized(ctx, body, caller.tenant, messages, f"route:{asked}"))
     if result is not None:
         messages = result.messages
@@ -191,12 +193,12 @@ async def routed_chat_completion(ctx: ServingContext, body: ChatCompletionReques
                                                  elapsed_ms(started))
             return cached_chat_response(job, hit.response.model or asked, len(ids), hit, body.stream,
                                         body.include_usage)
-    plan = await _plan(ctx, request, caller, pinned, messages, len(ids), job.params.max_tokens, False)
+    plan = await _plan(ctx, request, caller, pinned, question, len(ids), job.params.max_tokens, False)
     while True:
         try:
             return await _serve(ctx, body, request, caller, plan, messages, result, request_id, cache_req, len(ids))
         except _Downgrade:
-            plan = await _plan(ctx, request, caller, pinned, messages, len(ids), job.params.max_tokens, True)
+            plan = await _plan(ctx, request, caller, pinned, question, len(ids), job.params.max_tokens, True)
             plan.notes.append("past a soft budget: re-routed to the cheapest eligible route")
 
 
