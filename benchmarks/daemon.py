@@ -1,4 +1,5 @@
-"""Starts the real `frugal serve` as a subprocess on free loopback ports, for the daemon tests."""
+"""Starts the real `frugal serve` as a subprocess on free loopback ports, for the daemon tests and the benchmarks
+that need a whole daemon (benchmarks/cost.py)."""
 from __future__ import annotations
 
 import os
