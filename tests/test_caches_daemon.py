@@ -20,13 +20,18 @@ from serving.metrics import names
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    proc = DaemonProcess(tmp_path_factory.mktemp("caches"), http=True, control={"auth": "keys"},
+def cost_path_daemon(workdir) -> DaemonProcess:
+    """A daemon with both caches on and the optimizer's steps for tenant "lean" (also the gRPC tests')."""
+    return DaemonProcess(workdir, http=True, control={"auth": "keys"},
                          caches={"exact": {"enabled": True}, "semantic": {"enabled": True}},
                          optimizer={"tenants": {"lean": {"whitespace": True, "dedupe": True, "max_tokens_cap": 8,
                                                          "context": {"max_tokens": 120, "min_similarity": 0.3}}}},
                          engine={"kv_cache_memory_bytes": "64MiB", "max_model_len": 512})
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    proc = cost_path_daemon(tmp_path_factory.mktemp("caches"))
     proc.start()
     yield proc
     proc.stop()

@@ -10,14 +10,13 @@ import time
 import grpc
 import pytest
 
-from daemon_process import DaemonProcess
 from serving.control.context import RequestContext
 from serving.engine.sampling_params import SamplingParams
 from serving.metrics import names
 from serving.rpc import cached
 from serving.rpc.gen.frugal.v1 import inference_pb2 as pb
 from serving.rpc.gen.frugal.v1 import inference_pb2_grpc as pb_grpc
-from test_caches_daemon import REFUND_CHUNKS, chat, ledger_rows, metric, until_cached
+from test_caches_daemon import REFUND_CHUNKS, chat, cost_path_daemon, ledger_rows, metric, until_cached
 from test_control_daemon import create_key
 
 SYSTEM = "You are the support desk of Acme."  # as test_caches_daemon.chat sends it, so HTTP and gRPC agree
@@ -25,11 +24,7 @@ SYSTEM = "You are the support desk of Acme."  # as test_caches_daemon.chat sends
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    proc = DaemonProcess(tmp_path_factory.mktemp("grpc-cost"), http=True, control={"auth": "keys"},
-                         caches={"exact": {"enabled": True}, "semantic": {"enabled": True}},
-                         optimizer={"tenants": {"lean": {"whitespace": True, "dedupe": True, "max_tokens_cap": 8,
-                                                         "context": {"max_tokens": 120, "min_similarity": 0.3}}}},
-                         engine={"kv_cache_memory_bytes": "64MiB", "max_model_len": 512})
+    proc = cost_path_daemon(tmp_path_factory.mktemp("grpc-cost"))
     proc.start()
     yield proc
     proc.stop()
