@@ -155,7 +155,7 @@ async def warm_up(state: ServerState) -> None:
     for model_id in state.models or [state.model_name]:
         view = state.view(model_id) if state.models else state
         for i, prompt in enumerate((WARMUP_PROMPT, WARMUP_PREFILL)):
-            prompt_ids = await view.tokenizers.encode(prompt)
+            prompt_ids = (await view.tokenizers.encode(prompt))[:max(1, view.max_model_len - 2)]  # a short context
             async for _ in view.async_llm.generate({"prompt": prompt, "prompt_token_ids": prompt_ids},
                                                    SamplingParams(max_tokens=2, temperature=0.0),
                                                    req_id=f"warmup-{i}"):
