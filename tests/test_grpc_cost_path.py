@@ -190,7 +190,9 @@ def test_a_cache_request_only_for_chat_calls_its_key_can_describe():
     assert not cached.cache_request(CTX, SamplingParams(max_tokens=9), MESSAGES, "r", options).cacheable  # sampled
     assert cached.cache_request(CTX, greedy, None, "r", options) is None  # a prompt, not chat
     assert cached.cache_request(CTX, greedy, MESSAGES, "r", cached.cache_options([("x-frugal-cache", "off")])) is None
-    for engine_only in ({"min_tokens": 2}, {"ignore_eos": True}, {"stop_token_ids": [5]},
-                        {"include_stop_str_in_output": True}):
-        params = SamplingParams(max_tokens=9, temperature=0.0, **engine_only)
-        assert cached.cache_request(CTX, params, MESSAGES, "r", options) is None, engine_only
+    # Every field that changes the answer is part of the key, so calls that differ in one never share an entry.
+    base = cached.cache_request(CTX, greedy, MESSAGES, "r", options).sampling
+    for changed in ({"min_tokens": 2}, {"ignore_eos": True}, {"stop_token_ids": [5]},
+                    {"include_stop_str_in_output": True}):
+        params = SamplingParams(max_tokens=9, temperature=0.0, stop=["\n"], **changed)
+        assert cached.cache_request(CTX, params, MESSAGES, "r", options).sampling != base, changed
