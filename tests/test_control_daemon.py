@@ -1,7 +1,8 @@
 """The control plane in the real daemon, over HTTP and gRPC: keys and the errors for bad ones, model allowlists,
 rate limits, tenant isolation of the prefix cache, the cost on every response and its ledger row, a hard budget
 under 200 concurrent requests, agent task budgets, outcomes in `frugal report`, and cost attribution (the
-request costs add up to price x engine busy time)."""
+request costs add up to price x engine busy time). Each runs on the native engine, and on the vLLM backend where
+vLLM is installed (`make test-vllm`)."""
 import asyncio
 import json
 import subprocess
@@ -27,14 +28,15 @@ RACE_ALLOWED = 50  # the budget holds exactly this many requests of that size
 LONG_PROMPT = "The history of the city, told street by street. " * 20
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
+@pytest.fixture(scope="module", params=["native", pytest.param("vllm", marks=pytest.mark.vllm)])
+def daemon(tmp_path_factory, request):
     control = {"auth": "keys", "key_cache_s": 0.5,
                "budgets": [{"scope": "tenant", "id": "race", "period": "day", "mode": "hard",
                             "tokens": RACE_ALLOWED * (len(RACE_PROMPT) + RACE_MAX_TOKENS)}],
                "tasks": {"max_calls": 3, "max_tool_calls": 2}}
     proc = DaemonProcess(tmp_path_factory.mktemp("control"), http=True, control=control,
-                         engine={"kv_cache_memory_bytes": "64MiB", "max_model_len": 512, "max_waiting": 256})
+                         engine={"kv_cache_memory_bytes": "64MiB", "max_model_len": 512, "max_waiting": 256,
+                                 "backend": request.param})
     proc.start()
     yield proc
     proc.stop()

@@ -40,10 +40,18 @@ class StepAccounting:
 
     def record(self, sched_out, tenants: dict[str, str], metrics: dict[str, RequestMetrics], step_time: float) -> None:
         """Called once per executed step, with every scheduled request's metrics (finished ones included)."""
-        num_tokens = sched_out.num_batched_tokens
-        tokens = {s.req_id: s.num_tokens for s in sched_out.seqs}
+        self.record_tokens({s.req_id: s.num_tokens for s in sched_out.seqs}, tenants, metrics, step_time,
+                           sched_out.schedule_time_s)
+
+    def record_tokens(self, tokens: dict[str, int], tenants: dict[str, str], metrics: dict[str, RequestMetrics],
+                      step_time: float, schedule_time_s: float) -> None:
+        """`record` for a step given as tokens per request (what another engine's scheduler reports)."""
+        num_tokens = sum(tokens.values())
+        if num_tokens <= 0:
+            return
         for req_id, n in tokens.items():
-            metrics[req_id].busy_s += step_time * n / num_tokens
+            if req_id in metrics:
+                metrics[req_id].busy_s += step_time * n / num_tokens
         per_token = step_time / num_tokens
         if num_tokens <= _SOLO_MAX_TOKENS:
             self.solo_s_per_token = per_token if self.solo_s_per_token is None else \
@@ -51,11 +59,11 @@ class StepAccounting:
         elif num_tokens >= BULK_MIN_TOKENS:
             self.bulk_s_per_token = per_token if self.bulk_s_per_token is None else \
                 (1 - _SOLO_EWMA) * self.bulk_s_per_token + _SOLO_EWMA * per_token
-        self.records.append(StepRecord(step_time, sched_out.schedule_time_s, num_tokens, tokens, tenants))
+        self.records.append(StepRecord(step_time, schedule_time_s, num_tokens, tokens, tenants))
         totals = self.totals
         totals.num_executed_steps += 1
         totals.step_time_s += step_time
-        totals.schedule_time_s += sched_out.schedule_time_s
+        totals.schedule_time_s += schedule_time_s
         totals.num_batched_tokens += num_tokens
         totals.num_consecutive_failed_steps = 0
 

@@ -65,6 +65,41 @@ class _Tracked:
     busy_s_cap: float | None = None  # stop the request (finish "length") once its share of step time passes this
 
 
+def prompt_ids_of(prompt, tokenize) -> tuple[str | None, list[int]]:
+    """(text or None, token ids) of a prompt given as text, token ids, or a dict of either."""
+    if isinstance(prompt, str):
+        return prompt, tokenize(prompt) if prompt else []
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            text = prompt.get("prompt")
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"prompt must be a string, got {type(text).__name__}")
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)):
+                raise ValueError(f"prompt_token_ids must be a list of integers, got {type(ids).__name__}")
+            return text, list(ids)
+        if "prompt" in prompt:
+            return prompt_ids_of(prompt["prompt"], tokenize)
+        raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, (list, tuple)):
+        return None, list(prompt)
+    raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+
+def check_token_ids(prompt_ids: list[int], params: SamplingParams, max_model_len: int, vocab: int) -> None:
+    """The token-level checks every engine backend makes before it accepts a request."""
+    if not prompt_ids:
+        raise ValueError("prompt must not be empty")
+    if len(prompt_ids) >= max_model_len:
+        raise ValueError(f"prompt has {len(prompt_ids)} tokens but the context length is {max_model_len} "
+                         "(prompt plus at least one generated token)")
+    if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+        raise ValueError(f"prompt_token_ids must be integers in [0, {vocab})")
+    bad_stop = [t for t in params.stop_token_ids if t >= vocab]
+    if bad_stop:
+        raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {bad_stop[0]}")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
@@ -169,36 +204,10 @@ class LLMEngine:
         return req_id
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenize(prompt) if prompt else []
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                text = prompt.get("prompt")
-                if text is not None and not isinstance(text, str):
-                    raise ValueError(f"prompt must be a string, got {type(text).__name__}")
-                ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)):
-                    raise ValueError(f"prompt_token_ids must be a list of integers, got {type(ids).__name__}")
-                return text, list(ids)
-            if "prompt" in prompt:
-                return self._prompt_ids(prompt["prompt"])
-            raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, (list, tuple)):
-            return None, list(prompt)
-        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+        return prompt_ids_of(prompt, self.tokenize)
 
     def _check_token_ids(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise ValueError("prompt must not be empty")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens but the context length is {self.max_model_len} "
-                             "(prompt plus at least one generated token)")
-        vocab = self.args.vocab_size
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab})")
-        bad_stop = [t for t in params.stop_token_ids if t >= vocab]
-        if bad_stop:
-            raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {bad_stop[0]}")
+        check_token_ids(prompt_ids, params, self.max_model_len, self.args.vocab_size)
 
     def abort_request(self, req_id: str) -> RequestOutput | None:
         """Frees the request's blocks at once. Returns its final output, or None for an unknown id."""

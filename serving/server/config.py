@@ -212,6 +212,7 @@ _ENGINE: dict[str, Callable] = {
     "device": _str(),
     "num_threads": _int(1, none_ok=True),
     "tenant_weights": _weights,
+    "backend": _str(),
 }
 
 

