@@ -17,10 +17,11 @@ pytestmark = pytest.mark.slow
 MAX_MODEL_LEN = 1024
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
+@pytest.fixture(scope="module", params=["native", pytest.param("vllm", marks=pytest.mark.vllm)])
+def daemon(tmp_path_factory, request):
     proc = DaemonProcess(tmp_path_factory.mktemp("daemon"), http=http_app_available(),
-                         engine={"kv_cache_memory_bytes": "64MiB", "max_model_len": MAX_MODEL_LEN, "max_waiting": 64})
+                         engine={"kv_cache_memory_bytes": "64MiB", "max_model_len": MAX_MODEL_LEN, "max_waiting": 64,
+                                 "backend": request.param})
     proc.start()
     yield proc
     proc.stop()
@@ -119,7 +120,8 @@ def test_seeded_sampling_is_reproducible(stub):
 
 
 def test_prefix_cache_hit_shows_in_usage_and_stats(stub, debug):
-    prompt = "You are a helpful assistant that answers questions about rivers and lakes. " * 3
+    # Longer than one KV block of either backend (vLLM's are 128 tokens on CPU).
+    prompt = "You are a helpful assistant that answers questions about rivers and lakes. " * 12
     stub.Generate(greedy(prompt, max_tokens=2), timeout=60)
     second = stub.Generate(greedy(prompt, max_tokens=2), timeout=60)
     assert second.usage.cached_tokens >= 16

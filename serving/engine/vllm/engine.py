@@ -49,7 +49,7 @@ class _Tracked:
     prompt_token_ids: list[int]  # tokenized prompt
     tenant_id: str  # fair-share and accounting key
     metrics: RequestMetrics  # timings and busy_s
-    want_logprobs: bool  # the caller asked for logprobs
+    num_logprobs: int | None  # top alternatives the caller asked for per token; None: no logprobs
     busy_s_cap: float | None = None  # finish ("length") once its share of step time passes this
     text: str = ""  # text handed out so far
     token_ids: list[int] = field(default_factory=list)  # tokens handed out so far
@@ -108,7 +108,8 @@ class VllmEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         self.max_model_len = self.llm_engine.model_config.max_model_len
         self.vocab_size = self.llm_engine.model_config.get_vocab_size()
-        self.num_blocks = self.scheduler.kv_cache_manager.block_pool.num_gpu_blocks
+        # NOTE: vLLM keeps one block of its pool as the null block, never handed out: not a block for requests.
+        self.num_blocks = self.scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1
         self.accounting = StepAccounting()
         self.last_step_num_tokens = 0
         self.stat_logger: StatLogger | None = None
@@ -161,7 +162,7 @@ class VllmEngine:
         engine_input = tokens_input(prompt_ids, prompt=prompt_text, cache_salt=cache_salt or tenant_id)
         self.llm_engine.add_request(req_id, engine_input, vllm_params, priority=int(priority))
         self._tracked[req_id] = _Tracked(req_id, prompt_text, prompt_ids, tenant_id, RequestMetrics(arrival_time=now),
-                                         params.logprobs is not None, busy_s_cap)
+                                         params.logprobs, busy_s_cap)
         return req_id
 
     def abort_request(self, req_id: str) -> RequestOutput | None:
@@ -243,8 +244,9 @@ class VllmEngine:
             if tracked.metrics.first_token_time is None:
                 tracked.metrics.first_token_time = now
             tracked.metrics.last_token_time = now
-        if tracked.want_logprobs and completion.logprobs:
-            tracked.logprobs = [_logprob_row(token, row) for token, row in zip(token_ids, completion.logprobs)]
+        if tracked.num_logprobs is not None and completion.logprobs:
+            tracked.logprobs = [_logprob_row(token, row, tracked.num_logprobs)
+                                for token, row in zip(token_ids, completion.logprobs)]
         delta_text = completion.text[len(tracked.text):]
         tracked.text, tracked.token_ids = completion.text, token_ids
         if not out.finished:
@@ -278,7 +280,7 @@ class VllmEngine:
     def _output(self, tracked: _Tracked, delta_text: str, delta_ids: list[int], finished: bool) -> RequestOutput:
         return RequestOutput(req_id=tracked.req_id, prompt=tracked.prompt, prompt_token_ids=tracked.prompt_token_ids,
                              text=tracked.text, token_ids=list(tracked.token_ids), finished=finished,
-                             logprobs=list(tracked.logprobs) if tracked.want_logprobs else None,
+                             logprobs=list(tracked.logprobs) if tracked.num_logprobs is not None else None,
                              delta_text=delta_text, delta_token_ids=list(delta_ids), metrics=tracked.metrics)
 
     def _record(self, iteration: IterationStats) -> None:
@@ -339,9 +341,9 @@ def _vllm_params(params: SamplingParams, extra_args: dict):
         skip_special_tokens=params.skip_special_tokens, extra_args=extra_args)
 
 
-def _logprob_row(token: int, row: dict) -> list[tuple[int, float]]:
-    """vLLM's {token_id: Logprob} for one position -> ours: the chosen token first, then the top alternatives."""
-    chosen = row.get(token)
-    others = sorted(((t, lp) for t, lp in row.items() if t != token), key=lambda item: item[1].rank or 0)
-    first = [(token, chosen.logprob)] if chosen is not None else []
-    return first + [(t, lp.logprob) for t, lp in others]
+def _logprob_row(token: int, row: dict, num_top: int) -> list[tuple[int, float]]:
+    """vLLM's {token_id: Logprob} for one position -> the native engine's row: the chosen token first, then the
+    `num_top` most likely tokens by rank (the chosen one among them when it is one)."""
+    top = sorted((item for item in row.items() if item[1].rank is not None and item[1].rank <= num_top),
+                 key=lambda item: item[1].rank)
+    return [(token, row[token].logprob)] + [(t, lp.logprob) for t, lp in top]
