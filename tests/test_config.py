@@ -58,6 +58,8 @@ def test_file_values_and_cli_overrides(tmp_path):
     ({"drain_grace_s": -1}, "drain_grace_s must be a number >= 0"),
     ({"log_level": "LOUD"}, "log_level must be one of"),
     ({"engine": {"max_waiting": 0}}, "engine.max_waiting must be an integer >= 1"),
+    ({"engine": {"backend": "tgi"}}, "engine.backend must be one of native, vllm"),
+    ({"engine": {"backend": "vllm"}, "kv_events": {"enabled": True}}, "engine.backend: vllm publishes vLLM's own"),
     ({"engine": {"enable_prefix_caching": "yes"}}, "engine.enable_prefix_caching must be true or false"),
     ({"engine": {"kv_cache_memory_bytes": "lots"}}, "engine.kv_cache_memory_bytes must be a positive number"),
     ({"engine": {"max_model_len": 1.5}}, "engine.max_model_len must be an integer"),
