@@ -74,13 +74,15 @@ def hf_dir_for(model: str | None) -> str:
 
 
 class VllmEngine:
-    def __init__(self, config: EngineConfig, scheduler: str = "frugal"):
+    def __init__(self, config: EngineConfig, scheduler: str = "frugal", async_scheduling: bool | None = None):
         """`scheduler`: "frugal" (our policy in vLLM) or "vllm" (vLLM's own, the baseline benchmarks compare with;
-        it reports no tokens per request, so requests then carry no busy_s)."""
+        it reports no tokens per request, so requests then carry no busy_s). `async_scheduling`: vLLM schedules
+        the next step while one runs (`FrugalAsyncScheduler`); None: on GPUs only."""
         if scheduler not in ("frugal", "vllm"):
             raise ValueError(f"scheduler must be frugal or vllm, got {scheduler!r}")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in process: see the module docstring
         on_cpu = config.device == "cpu"
+        overlap = not on_cpu if async_scheduling is None else async_scheduling
         if on_cpu:
             num_threads = config.num_threads or available_cpus()
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{num_threads - 1}")
@@ -98,8 +100,8 @@ class VllmEngine:
             enable_prefix_caching=config.enable_prefix_caching, enable_chunked_prefill=config.enable_chunked_prefill,
             kv_cache_memory_bytes=config.kv_cache_memory_bytes, enforce_eager=on_cpu, disable_log_stats=True,
             # NOTE: on GPU nodes vLLM schedules the next step while one runs; the async subclass keeps that.
-            scheduler_cls=None if scheduler == "vllm" else SCHEDULER_CLS if on_cpu else ASYNC_SCHEDULER_CLS,
-            async_scheduling=not on_cpu,
+            scheduler_cls=None if scheduler == "vllm" else ASYNC_SCHEDULER_CLS if overlap else SCHEDULER_CLS,
+            async_scheduling=overlap,
             additional_config={"frugal": {"tenant_weights": dict(config.tenant_weights)}})
         self.llm_engine = VllmLLMEngine.from_engine_args(args)
         self.scheduler = self.llm_engine.engine_core.engine_core.scheduler
