@@ -140,13 +140,14 @@ def report(results: list[PhaseResult], floods: list[FloodResult]) -> str:
             ("TTFT p50 / p95 (ms)", lambda r: f"{1e3 * percentile(r.ttft_s, 50):.0f} / {1e3 * percentile(r.ttft_s, 95):.0f}"),
             ("TPOT p50 / p95 (ms)", lambda r: f"{1e3 * percentile(r.tpot_s, 50):.1f} / {1e3 * percentile(r.tpot_s, 95):.1f}")]
     names = [r.name for r in results]
-    width = max(len(n) for n in names) + 2
+    width = max(max(len(n) for n in names), 14) + 2
     lines = [f"{'':28}" + "".join(f"{n:>{width}}" for n in names)]
     for label, fmt in rows:
         lines.append(f"{label:28}" + "".join(f"{fmt(r):>{width}}" for r in results))
     by_name = {f.name: f for f in floods}
-    lines.append(f"{'flood: quiet tenant share':28}" + "".join(
-        f"{by_name[n].quiet_share:>{width}.0%}" if n in by_name else f"{'-':>{width}}" for n in names))
+    lines.append(f"{'flood: shares flood / quiet':28}" + "".join(
+        f"{f'{1 - by_name[n].quiet_share:.0%} / {by_name[n].quiet_share:.0%}':>{width}}" if n in by_name
+        else f"{'-':>{width}}" for n in names))
     lines.append(f"{'flood: quiet tenant done (s)':28}" + "".join(
         f"{by_name[n].quiet_done_s:>{width}.1f}" if n in by_name else f"{'-':>{width}}" for n in names))
     return "\n".join(lines)

@@ -205,4 +205,4 @@ def test_the_backends_benchmark_runs_end_to_end(tmp_path):
     assert set(floods) == set(names[1:])
     # Two seats, a flood of six, then a quiet tenant of two: fair share gives the quiet tenant a seat at once.
     assert floods["vLLM, frugal's scheduler"]["quiet_share"] > floods["vLLM, its scheduler"]["quiet_share"]
-    assert "flood: quiet tenant share" in run.stdout
+    assert "flood: shares flood / quiet" in run.stdout
