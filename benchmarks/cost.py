@@ -127,7 +127,7 @@ def start(args, workdir: Path) -> tuple[DaemonProcess, DaemonProcess]:
         router={"classifier_dir": str(classifier), "quality": {"simple": 0, "complex": 1},
                 "cascade": {"enabled": True, "min_mean_logprob": args.cascade_min_mean_logprob}},
         caches={"exact": {"enabled": True}, "semantic": {"enabled": True, "threshold": args.semantic_threshold}},
-        optimizer={"routes": {"route:auto": steps}})
+        **({"optimizer": {"routes": {"route:auto": steps}}} if args.optimizer == "on" else {}))
     for d in (strong, main):
         d.launch()
     for d in (strong, main):
@@ -288,6 +288,8 @@ def parse_args(argv):
     p.add_argument("--cascade-min-mean-logprob", type=float, default=-1.5,
                    help="a cheaper answer whose mean token logprob is below this escalates (default -1.5)")
     p.add_argument("--semantic-threshold", type=float, default=0.85)
+    p.add_argument("--optimizer", choices=["on", "off"], default="on",
+                   help="the prompt optimizer in the frugal run (off: caches, router and cascade only)")
     return p.parse_args(argv)
 
 
