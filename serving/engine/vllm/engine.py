@@ -69,7 +69,12 @@ def hf_dir_for(model: str | None) -> str:
     if not os.path.isfile(os.path.join(target, "config.json")):
         logger.info("converting %s to an HF directory for vLLM (once): %s", path, target)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        convert(path, target)
+        try:
+            convert(path, target)
+        except (ValueError, OSError):
+            # NOTE: another process converting the same file may have finished first; its copy is as good.
+            if not os.path.isfile(os.path.join(target, "config.json")):
+                raise
     return target
 
 
@@ -264,7 +269,10 @@ class VllmEngine:
         """The one place a request leaves: vLLM frees its blocks (unless it already did) and we forget it."""
         self._tracked.pop(tracked.req_id, None)
         if release:
-            self.llm_engine.abort_request([tracked.req_id])
+            try:
+                self.llm_engine.abort_request([tracked.req_id])
+            except Exception:  # a broken engine must not keep the request's client waiting
+                logger.exception("vLLM could not abort request %s", tracked.req_id)
         tracked.metrics.finish_time = time.monotonic()
         tracked.metrics.num_preemptions = getattr(self.scheduler, "preemptions_of", {}).pop(tracked.req_id, 0)
         output = self._output(tracked, *delta, finished=True)
