@@ -86,6 +86,28 @@ def prompt_ids_of(prompt, tokenize) -> tuple[str | None, list[int]]:
     raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
 
+def check_request_fields(priority, tenant_id, busy_s_cap, cache_salt) -> Priority:
+    """The per-request field checks every engine backend makes before it accepts a request; returns the class."""
+    try:
+        priority = Priority(priority)
+    except ValueError:
+        raise ValueError(f"priority must be one of {[p.name.lower() for p in Priority]}, got {priority!r}")
+    if not isinstance(tenant_id, str) or not tenant_id:
+        raise ValueError(f"tenant_id must be a non-empty string, got {tenant_id!r}")
+    if busy_s_cap is not None and not busy_s_cap > 0:
+        raise ValueError(f"busy_s_cap must be > 0 seconds, got {busy_s_cap!r}")
+    if cache_salt is not None and not isinstance(cache_salt, str):
+        raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
+    return priority
+
+
+def check_req_id(req_id, in_use) -> None:
+    if not isinstance(req_id, str) or not req_id:
+        raise ValueError(f"request id must be a non-empty string, got {req_id!r}")
+    if req_id in in_use:
+        raise ValueError(f"request id {req_id!r} is already in use")
+
+
 def check_token_ids(prompt_ids: list[int], params: SamplingParams, max_model_len: int, vocab: int) -> None:
     """The token-level checks every engine backend makes before it accepts a request."""
     if not prompt_ids:
@@ -171,21 +193,9 @@ class LLMEngine:
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         prompt_text, prompt_ids = self._prompt_ids(prompt)
         self._check_token_ids(prompt_ids, params)
-        try:
-            priority = Priority(priority)
-        except ValueError:
-            raise ValueError(f"priority must be one of {[p.name.lower() for p in Priority]}, got {priority!r}")
-        if not isinstance(tenant_id, str) or not tenant_id:
-            raise ValueError(f"tenant_id must be a non-empty string, got {tenant_id!r}")
-        if busy_s_cap is not None and not busy_s_cap > 0:
-            raise ValueError(f"busy_s_cap must be > 0 seconds, got {busy_s_cap!r}")
-        if cache_salt is not None and not isinstance(cache_salt, str):
-            raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
+        priority = check_request_fields(priority, tenant_id, busy_s_cap, cache_salt)
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
-        if not isinstance(req_id, str) or not req_id:
-            raise ValueError(f"request id must be a non-empty string, got {req_id!r}")
-        if req_id in self._tracked:
-            raise ValueError(f"request id {req_id!r} is already in use")
+        check_req_id(req_id, self._tracked)
         now = arrival_time if arrival_time is not None else time.monotonic()
         request = Request(req_id=req_id, prompt_token_ids=prompt_ids, max_tokens=params.max_tokens,
                           priority=priority, tenant_id=tenant_id, cache_salt=cache_salt, arrival_time=now)

@@ -22,7 +22,7 @@ from scheduler import Priority, QueueFullError
 from serving.config import EngineConfig, available_cpus
 from serving.engine.accounting import StepAccounting
 from serving.engine.iteration_stats import FinishedRequestStats, IterationStats, StatLogger
-from serving.engine.llm_engine import check_token_ids, prompt_ids_of
+from serving.engine.llm_engine import check_req_id, check_request_fields, check_token_ids, prompt_ids_of
 from serving.engine.outputs import RequestMetrics, RequestOutput
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.stats import EngineStats
@@ -142,21 +142,9 @@ class VllmEngine:
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         prompt_text, prompt_ids = prompt_ids_of(prompt, self.tokenize)
         check_token_ids(prompt_ids, params, self.max_model_len, self.vocab_size)
-        try:
-            priority = Priority(priority)
-        except ValueError:
-            raise ValueError(f"priority must be one of {[p.name.lower() for p in Priority]}, got {priority!r}")
-        if not isinstance(tenant_id, str) or not tenant_id:
-            raise ValueError(f"tenant_id must be a non-empty string, got {tenant_id!r}")
-        if busy_s_cap is not None and not busy_s_cap > 0:
-            raise ValueError(f"busy_s_cap must be > 0 seconds, got {busy_s_cap!r}")
-        if cache_salt is not None and not isinstance(cache_salt, str):
-            raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
+        priority = check_request_fields(priority, tenant_id, busy_s_cap, cache_salt)
         req_id = req_id if req_id is not None else f"req-{time.monotonic_ns()}"
-        if not isinstance(req_id, str) or not req_id:
-            raise ValueError(f"request id must be a non-empty string, got {req_id!r}")
-        if req_id in self._tracked:
-            raise ValueError(f"request id {req_id!r} is already in use")
+        check_req_id(req_id, self._tracked)
         max_waiting = self.config.max_waiting
         if max_waiting is not None and self._num_waiting() >= max_waiting:
             raise QueueFullError(f"waiting queue is full ({max_waiting} requests); retry later")
