@@ -7,7 +7,8 @@ Part 1 times every CPU path of serving/quant/linear.py on SmolLM2-135M's shapes 
 256 rows, beside fp32 `F.linear` on the same weight. In isolation a 2-8 MB fp32 weight stays in the CPU cache,
 so this table flatters fp32; part 2 is the real figure: whole-model greedy decode through the engine at batch
 1 and batch 32, bundled Q4_1 weights kept packed ("auto": int4 linears, the Q8_0 embedding as int8 shared
-with the tied lm_head) against the same weights dequantized to fp32 ("none").
+with the tied lm_head), on fp32 activations ("kernel") and on int8 activations ("w4a8"), against the same weights
+dequantized to fp32 ("none").
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def path_table(rows=(1, 32, 64, 256)) -> None:
     from serving.quant.layout import quantize
     from serving.quant.linear import QuantLinear
 
-    paths = ["kernel", "dequant", "fbgemm", "int4pack"]
+    paths = ["w4a8", "kernel", "dequant", "fbgemm", "int4pack"]
     print("Part 1: us per call, int4-g32 weight (int8pack: per-channel int8 weight); fp32 F.linear is the baseline")
     print(f"{'shape':>22} {'M':>4} {'fp32':>8} " + " ".join(f"{p:>9}" for p in paths) + f" {'int8pack':>9}")
     for n, k, name in SHAPES:
@@ -82,30 +83,28 @@ def model_comparison(max_tokens: int, batches=(1, 32)) -> None:
     from serving.quant.install import quant_summary
 
     print("\nPart 2: whole-model greedy decode, bundled SmolLM2-135M (Q4_1 weights)")
+    runs = (("fp32", "none", None), ("int4 fp32-act", "auto", "kernel"), ("int4 w4a8", "auto", "w4a8"))
     results = {}
-    for label, quantization in (("fp32 (quantization=none)", "none"), ("int4 packed (quantization=auto)", "auto")):
-        loaded = load_model(quantization=quantization)
+    for label, quantization, cpu_path in runs:
+        loaded = load_model(quantization=quantization, quant_cpu_path=cpu_path)
         llm = LLM(loaded=loaded, quantization=quantization, kv_cache_memory_bytes=256 << 20, max_model_len=512)
-        memory = quant_summary(loaded.model)
         speeds = {}
         for batch in batches:
             before = CpuSnapshot.take()
             speeds[batch], _ = decode(llm, batch, max_tokens)
             speeds[f"others{batch}"] = before.others_share(CpuSnapshot.take())
-        results[quantization] = (label, memory, speeds)
+        results[label] = (quant_summary(loaded.model), speeds)
         del llm, loaded
-    base_label, base_mem, base_speed = results["none"]
-    label, mem, speed = results["auto"]
-    print(f"{'':34} {'fp32':>12} {'int4':>12} {'ratio':>7}")
-    print(f"{'weight memory (MiB)':34} {base_mem['total_bytes'] / 2**20:>12.1f} {mem['total_bytes'] / 2**20:>12.1f} "
-          f"{mem['total_bytes'] / base_mem['total_bytes']:>7.2f}")
-    print(f"{'  packed: int4 linears, int8 embed':34} {'':>12} {mem['packed_bytes'] / 2**20:>12.1f}")
-    print(f"{'  float: norms (and any float layer)':34} {'':>12} {mem['float_bytes'] / 2**20:>12.1f}")
+    base_mem, base_speed = results["fp32"]
+    print(f"{'':28} " + " ".join(f"{label:>14}" for label, _, _ in runs) + "  (ratio to fp32)")
+    print(f"{'weight memory (MiB)':28} " + " ".join(
+        f"{mem['total_bytes'] / 2**20:>7.1f} ({mem['total_bytes'] / base_mem['total_bytes']:.2f})"
+        for mem, _ in results.values()))
     for batch in batches:
-        print(f"{f'decode tok/s, batch {batch}':34} {base_speed[batch]:>12.1f} {speed[batch]:>12.1f} "
-              f"{speed[batch] / base_speed[batch]:>7.2f}")
-    shares = ", ".join(f"{100 * s[f'others{b}']:.0f}%" for s in (base_speed, speed) for b in batches)
-    print(f"(CPU taken by other processes during the four phases: {shares})")
+        print(f"{f'decode tok/s, batch {batch}':28} " + " ".join(
+            f"{speed[batch]:>7.1f} ({speed[batch] / base_speed[batch]:.2f})" for _, speed in results.values()))
+    shares = ", ".join(f"{100 * speed[f'others{b}']:.0f}%" for _, speed in results.values() for b in batches)
+    print(f"(CPU taken by other processes during the phases: {shares})")
 
 
 def main(argv=None) -> int:

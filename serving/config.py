@@ -8,6 +8,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _DEVICES = ("cpu", "cuda")
 _BACKENDS = ("native", "vllm")  # native: frugal's own engine; vllm: vLLM's (serving/engine/vllm/)
 _QUANTIZATIONS = ("none", "auto", "int4-g32", "int4-g64", "int4-g128", "int8")  # serving/quant/install.py
+_QUANT_CPU_PATHS = ("auto", "w4a8", "kernel", "fbgemm", "int4pack", "dequant")  # serving/quant/linear.py
 _ZMQ_TRANSPORTS = ("tcp://", "ipc://", "inproc://")
 
 
@@ -54,6 +55,9 @@ class EngineConfig:
     # weight quantization: "none" dequantizes to `dtype`; "auto" keeps GGUF Q4_0/Q4_1/Q8_0 and our quantized
     # checkpoints packed (other GGUF quant types become int4-g32); "int4-g32|g64|g128"/"int8" quantize at load
     quantization: str = "auto"
+    # matmul path of packed layers on the CPU (serving/quant/linear.py): "auto" takes int8 activations with integer
+    # dot products ("w4a8") where it builds, else "kernel" (fp32 activations, exact to the dequantized weights)
+    quant_cpu_path: str = "auto"
     block_size: int = 16  # tokens per KV block
     kv_cache_memory_bytes: int = 2 << 30  # memory budget of the paged KV cache; the block pool is sized from it
     max_num_seqs: int = 64  # most sequences in one step
@@ -76,6 +80,9 @@ class EngineConfig:
             raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}, got {self.backend!r}")
         if self.quantization not in _QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.quant_cpu_path not in _QUANT_CPU_PATHS:
+            raise ValueError(f"quant_cpu_path must be one of {', '.join(_QUANT_CPU_PATHS)}, "
+                             f"got {self.quant_cpu_path!r}")
         for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -1,13 +1,19 @@
 """The engine on packed weights: the bundled Q4_1 model stays packed under quantization="auto", and its greedy
-outputs agree with the same weights dequantized to fp32."""
+outputs agree with the same weights dequantized to fp32: exactly on the fp32-activation path ("kernel"), and above
+the agreement gate with int8 activations ("w4a8", the default where it builds)."""
+import os
+
 import pytest
 import torch
 
 from serving import LLM, SamplingParams
 from serving.config import EngineConfig
 from serving.loaders import load_model
+from serving.quant import path_gate, quality
 from serving.quant.install import quant_summary
 from serving.quant.linear import QuantEmbedding, QuantLinear
+from kernels.w4a8_cpu import _extension as w4a8_extension
+from cpu_builds import require
 
 PROMPTS = [
     "The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village by the sea,",
@@ -22,7 +28,17 @@ MAX_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def packed_model():
-    return load_model(quantization="auto")
+    return load_model(quantization="auto", quant_cpu_path="kernel")
+
+
+@pytest.fixture(scope="module")
+def w4a8_model(tmp_path_factory):
+    require(w4a8_extension)
+    os.environ["FRUGAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))  # a fresh verdict: measured here
+    try:
+        return load_model(quantization="auto")
+    finally:
+        del os.environ["FRUGAL_CACHE_DIR"]
 
 
 def test_auto_keeps_the_bundled_q4_1_weights_packed(packed_model, loaded_model):
@@ -57,3 +73,34 @@ def test_packed_greedy_outputs_agree_with_dequantized(packed_model, make_llm, re
     record_property("greedy_agreement", rate)
     print(f"packed vs dequantized: {100 * rate:.1f}% of tokens agree, {num_exact}/{len(PROMPTS)} sequences exact")
     assert rate >= 0.95
+
+
+def test_auto_takes_int8_activations_where_they_meet_the_gate(w4a8_model, loaded_model, make_llm, record_property):
+    model = w4a8_model.model
+    assert {m.path for m in model.modules() if isinstance(m, QuantLinear)} == {"w4a8"}
+    assert torch.equal(model.embed_tokens(torch.tensor([0, 7, 49151])),
+                       loaded_model.model.embed_tokens(torch.tensor([0, 7, 49151])))  # rows read back exactly
+    # teacher-forced on the engine's own fp32 continuations of prompts the gate never saw
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    texts = [p + o.text for p, o in zip(PROMPTS, make_llm().generate(PROMPTS, params))]
+    report = quality.evaluate(loaded_model.model, model, loaded_model.tokenizer, texts)
+    record_property("w4a8_greedy_agreement", report.greedy_agreement)
+    print(f"w4a8 against fp32: {report.summary()}")
+    assert report.greedy_agreement >= path_gate.MIN_AGREEMENT
+    assert report.ppl_increase < 0.01
+
+
+def test_the_gate_falls_back_to_fp32_activations_below_its_threshold(w4a8_model):
+    model = w4a8_model.model
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    x = torch.randn(3, layers[0].in_features)
+    before = layers[0](x)
+    try:
+        agreement = path_gate.gate_w4a8(model, w4a8_model.tokenizer, None, min_agreement=1.01)
+        assert path_gate.MIN_AGREEMENT <= agreement < 1.01
+        assert {m.path for m in layers} == {"kernel"}
+        assert not torch.equal(layers[0](x), before)  # fp32 activations now: no int8 rounding
+    finally:
+        for layer in layers:
+            layer.set_path("w4a8")
+    assert torch.equal(layers[0](x), before)

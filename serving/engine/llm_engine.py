@@ -129,7 +129,7 @@ class LLMEngine:
         self.device = torch.device(config.device)
         dtype = getattr(torch, config.dtype)
         self.loaded = loaded or load_model(config.model, dtype=dtype, device=config.device,
-                                           quantization=config.quantization)
+                                           quantization=config.quantization, quant_cpu_path=config.quant_cpu_path)
         self.tokenizer = self.loaded.tokenizer
         self.args = self.loaded.args
         self.max_model_len = min(config.max_model_len or min(self.args.max_position_embeddings, 8192),

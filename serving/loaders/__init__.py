@@ -17,6 +17,7 @@ from serving.models.gemma3 import Gemma3ForCausalLM
 from serving.models.llama import LlamaForCausalLM, ModelArgs
 from serving.models.rope import RotaryEmbedding
 from serving.quant.checkpoint import is_quantized_checkpoint, load_checkpoint_state
+from serving.quant.path_gate import gate_w4a8
 from serving.quant.install import install, linear_weight_names, quantize_state
 from serving.quant.layout import QuantizedWeight, dequantize
 
@@ -122,6 +123,8 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, devi
         if isinstance(module, RotaryEmbedding):
             module.to(torch.float32)
     tokenizer = load_tokenizer(path)
+    if quant_cpu_path in (None, "auto") and torch.device(device).type == "cpu":
+        gate_w4a8(model, tokenizer, path)  # int8 activations only where they agree with fp32
     return LoadedModel(model=model, args=args, tokenizer=tokenizer, path=path)
 
 

@@ -209,6 +209,7 @@ _ENGINE: dict[str, Callable] = {
     "block_size": _int(1),
     "dtype": _str(),
     "quantization": _str(),
+    "quant_cpu_path": _str(),
     "device": _str(),
     "num_threads": _int(1, none_ok=True),
     "tenant_weights": _weights,
