@@ -12,7 +12,7 @@ VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: venv vllm-venv services dashboard test test-vllm generate serve proto bench clean
+.PHONY: venv vllm-venv services dashboard test test-vllm generate serve proto bench gpu-suite clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,10 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.throughput
+
+# On a CUDA node: pytest -m gpu, the Triton kernels against the roofline at M = 1..256, the engine on CUDA.
+gpu-suite: $(STAMP)
+	$(PY) -m benchmarks.gpu_suite --out gpu-report
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

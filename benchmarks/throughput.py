@@ -63,7 +63,8 @@ def load_tokenizer(model_path: str):
 def engine_kwargs(args, **overrides) -> dict:
     """LLM(...) keyword arguments from the command line; engine defaults for what was not given."""
     kwargs = dict(model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  quantization=args.quantization)
+                  quantization=args.quantization, device=args.device,
+                  dtype="float32" if args.device == "cpu" else "float16")  # NOTE: fp16 on GPUs, fp32 on CPUs
     if args.kv_cache_mib is not None:
         kwargs["kv_cache_memory_bytes"] = args.kv_cache_mib << 20
     return kwargs | overrides
@@ -278,6 +279,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-output-len", type=int, help=f"output length cap (default {DEFAULTS['max_output_len']})")
     p.add_argument("--hf-batch-size", type=int, help=f"transformers static batch (default {DEFAULTS['hf_batch_size']})")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="cpu", help="engine device: cpu (default) or cuda (fp16 there)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most running requests (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="engine: token budget a step (default 512)")
     # NOTE: "none" runs the engine on the same dequantized fp32 weights transformers uses, so the ratio measures

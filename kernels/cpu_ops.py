@@ -2,7 +2,9 @@
 
 Building takes about a minute once per machine; the result is cached by torch under TORCH_EXTENSIONS_DIR
 (default ~/.cache/torch_extensions), one build per CPU feature set (`build_name`). Set FRUGAL_CPU_KERNELS=0 to
-skip them (e.g. on a host without a compiler).
+skip them (e.g. on a host without a compiler). FRUGAL_CPU_ARCH replaces -march=native with other target flags, e.g.
+"-march=x86-64-v3" to build for a fleet's common AVX2 level, or "-march=native -mno-avx512f" to measure the AVX2
+kernels on an AVX-512 host.
 """
 from __future__ import annotations
 
@@ -87,6 +89,15 @@ def build_name(name: str, cflags: list[str]) -> str:
     return f"{name}_{digest}"
 
 
+def target_cflags(cflags: list[str]) -> list[str]:
+    """`cflags` with -march=native replaced by $FRUGAL_CPU_ARCH's flags when that is set."""
+    arch = os.environ.get("FRUGAL_CPU_ARCH", "").strip()
+    if not arch or "-march=native" not in cflags:
+        return list(cflags)
+    i = cflags.index("-march=native")
+    return [*cflags[:i], *shlex.split(arch), *cflags[i + 1:]]
+
+
 def _build_error(e: Exception) -> str:
     """The first line of a build failure and its first compiler errors, not the whole ninja log."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
@@ -126,8 +137,9 @@ class LazyExtension:
                     from torch.utils.cpp_extension import load
 
                     logger.info("loading %s (compiled on first use on this machine, about a minute)", self.name)
-                    self._module = load(name=build_name(self.name, self.cflags), sources=self.sources,
-                                        extra_cflags=self.cflags, extra_ldflags=self.ldflags, verbose=False)
+                    cflags = target_cflags(self.cflags)
+                    self._module = load(name=build_name(self.name, cflags), sources=self.sources,
+                                        extra_cflags=cflags, extra_ldflags=self.ldflags, verbose=False)
                 except Exception as e:  # no compiler, no ninja, a compile error, read-only cache...
                     self.error = _build_error(e)
                     logger.warning("CPU extension %s did not build, using the slower fallback (%s): %s",

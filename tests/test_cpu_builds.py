@@ -114,3 +114,12 @@ def test_disabled_kernels_are_not_an_error(monkeypatch):
     monkeypatch.setenv("FRUGAL_CPU_KERNELS", "0")
     disabled = LazyExtension("frugal_disabled", ["missing.cpp"], ["-march=native"])
     assert disabled.get() is None and disabled.error is None and not can_build()
+
+
+def test_cpu_arch_replaces_native(monkeypatch):
+    flags = ["-O3", "-march=native", "-fopenmp"]
+    monkeypatch.delenv("FRUGAL_CPU_ARCH", raising=False)
+    assert cpu_ops.target_cflags(flags) == flags
+    monkeypatch.setenv("FRUGAL_CPU_ARCH", "-march=native -mno-avx512f")
+    assert cpu_ops.target_cflags(flags) == ["-O3", "-march=native", "-mno-avx512f", "-fopenmp"]
+    assert cpu_ops.target_cflags(["-O3", "-march=x86-64"]) == ["-O3", "-march=x86-64"]  # explicit targets stay

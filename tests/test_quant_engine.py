@@ -1,6 +1,6 @@
 """The engine on packed weights: the bundled Q4_1 model stays packed under quantization="auto", and its greedy
-outputs agree with the same weights dequantized to fp32: exactly on the fp32-activation path ("kernel"), and above
-the agreement gate with int8 activations ("w4a8", the default where it builds)."""
+outputs agree with the same weights dequantized to fp32: exactly on the fp32-activation path ("kernel", the
+default), and above the agreement gate with int8 activations ("w4a8", taken by quant_cpu_path "auto")."""
 import os
 
 import pytest
@@ -36,7 +36,7 @@ def w4a8_model(tmp_path_factory):
     require(w4a8_extension)
     os.environ["FRUGAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))  # a fresh verdict: measured here
     try:
-        return load_model(quantization="auto")
+        return load_model(quantization="auto", quant_cpu_path="auto")
     finally:
         del os.environ["FRUGAL_CACHE_DIR"]
 
@@ -75,7 +75,7 @@ def test_packed_greedy_outputs_agree_with_dequantized(packed_model, make_llm, re
     assert rate >= 0.95
 
 
-def test_auto_takes_int8_activations_where_they_meet_the_gate(w4a8_model, loaded_model, make_llm, record_property):
+def test_cpu_path_auto_takes_int8_activations_where_they_meet_the_gate(w4a8_model, loaded_model, make_llm, record_property):
     model = w4a8_model.model
     assert {m.path for m in model.modules() if isinstance(m, QuantLinear)} == {"w4a8"}
     assert torch.equal(model.embed_tokens(torch.tensor([0, 7, 49151])),

@@ -98,10 +98,11 @@ def test_layout_is_a_permutation_of_the_packed_bytes():
 def test_quant_linear_takes_w4a8_where_the_layout_fits():
     require(_extension)
     qw = quantize(torch.randn(40, 64), "int4-g32")
-    layer = QuantLinear(qw)
+    assert QuantLinear(qw).path == "kernel"  # the default keeps fp32 activations
+    layer = QuantLinear(qw, cpu_path="auto")
     assert layer.path == "w4a8" and layer.select_rows(torch.arange(40)).qweight.equal(qw.qweight)
     odd = quantize(torch.randn(9, 41), "int8")  # K = 41 is not whole blocks of 32
-    assert not supports("int8", odd.group_size, 41) and QuantLinear(odd).path == "kernel"
+    assert not supports("int8", odd.group_size, 41) and QuantLinear(odd, cpu_path="w4a8").path == "kernel"
     with pytest.raises(ValueError, match="whole blocks of 32"):
         pack_w4a8(odd.qweight, odd.scales, None, odd.group_size, odd.shape)
     with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):

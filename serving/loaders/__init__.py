@@ -123,7 +123,7 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, devi
         if isinstance(module, RotaryEmbedding):
             module.to(torch.float32)
     tokenizer = load_tokenizer(path)
-    if quant_cpu_path in (None, "auto") and torch.device(device).type == "cpu":
+    if quant_cpu_path == "auto" and torch.device(device).type == "cpu":
         gate_w4a8(model, tokenizer, path)  # int8 activations only where they agree with fp32
     return LoadedModel(model=model, args=args, tokenizer=tokenizer, path=path)
 

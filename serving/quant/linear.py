@@ -5,7 +5,7 @@ what its kernel reads (`_prepare_*`). CPU paths, measured on this project's CPUs
 - "w4a8": kernels/w4a8_cpu.py: activations quantized per block of 32 to int8 at run time, integer dot products
   against the packed codes (VNNI / pmaddubsw), every row count. 1.4-3.5x the "kernel" path per layer and faster
   than fp32 GEMM up to prefill sizes; it rounds activations, so its greedy outputs agree with fp32's on most
-  tokens, not all (the agreement is measured against fp32 weights, tests/test_w4a8_cpu.py).
+  tokens, not all (the agreement gate: serving/quant/path_gate.py, tests/test_quant_engine.py).
 - "kernel": kernels/weight_quant_cpu.py on fp32 activations, over the panel view of the packed weight it
   takes at load: dequantized in registers for a few rows, in cache-sized panels under a register-blocked
   micro-kernel for more, and from `KERNEL_GEMM_MIN_M` rows (prefill) dequantized whole into a reused buffer
@@ -36,10 +36,12 @@ CPU_PATHS = ("auto", "w4a8", "kernel", "fbgemm", "int4pack", "dequant")
 # NOTE: measured in benchmarks/quant_cpu.py: fbgemm is the fastest per layer but quantizes activations per
 # tensor, and the bundled model's greedy outputs diverge at once (0% token agreement); int4pack rounds
 # activations and outputs to bf16 (86% agreement, slower than fp32 at M >= 32). "kernel" keeps fp32
-# activations (100% agreement on the engine test); "w4a8" rounds activations to int8 per block of 32 and keeps
-# >= 95% greedy agreement with fp32 on the held prompts (97-100% measured) at 1.4-3.5x the speed per layer, so
-# "auto" takes it wherever it builds and the weight's shape fits its layout, then "kernel", then "dequant".
-DEFAULT_CPU_PATH = "auto"
+# activations (100% agreement on the engine test) and is the default wherever the extension compiles. "w4a8"
+# rounds activations to int8 per block of 32: 96-98% greedy agreement with fp32 at 1.4-3.5x the speed per layer,
+# but its rounding turns the last-bit differences that batching makes elsewhere (chunked-prefill attention) into
+# different tokens, so a request's output would depend on what runs beside it. "auto" (serving/quant/path_gate.py)
+# takes it where it builds, fits and meets the agreement gate; it is opt-in.
+DEFAULT_CPU_PATH = "kernel"
 KERNEL_GEMM_MIN_M = 128  # from here on the float GEMM over a dequantized weight wins (benchmarks/quant_cpu.py)
 KERNEL_TILE_PANELS = 256  # panels dequantized per GEMM: whole layers, the lm_head in tiles of 2-4k rows
 _tile_buffers = threading.local()  # per thread: one fp32 buffer reused for every tile (fresh MBs page-fault)
