@@ -62,9 +62,10 @@ def load_tokenizer(model_path: str):
 
 def engine_kwargs(args, **overrides) -> dict:
     """LLM(...) keyword arguments from the command line; engine defaults for what was not given."""
+    device = getattr(args, "device", "cpu")  # benchmarks/serving.py shares this and has no --device
     kwargs = dict(model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  quantization=args.quantization, device=args.device,
-                  dtype="float32" if args.device == "cpu" else "float16")  # NOTE: fp16 on GPUs, fp32 on CPUs
+                  quantization=args.quantization, device=device,
+                  dtype="float32" if device == "cpu" else "float16")  # NOTE: fp16 on GPUs, fp32 on CPUs
     if args.kv_cache_mib is not None:
         kwargs["kv_cache_memory_bytes"] = args.kv_cache_mib << 20
     return kwargs | overrides
