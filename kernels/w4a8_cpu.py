@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.cpu_ops import LazyExtension
+from kernels.weight_quant_cpu import to_panels  # the scales (and mins) take the panel view as they are
 
 QK = 32  # input features per activation block
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "w4a8_cpu.cpp")
@@ -80,13 +81,6 @@ class W4A8Weight:
         return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scales, mins
 
 
-def _to_lanes(t: torch.Tensor, lanes: int) -> torch.Tensor:
-    # [N, C] -> zero-pad N to a multiple of lanes -> [N_pad / lanes, C, lanes]
-    n = t.shape[0]
-    t = F.pad(t, (0, 0, 0, -n % lanes)) if n % lanes else t
-    return t.reshape(-1, lanes, t.shape[1]).transpose(1, 2).contiguous()
-
-
 def pack_w4a8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group_size: int,
               shape: tuple[int, int], lanes: int | None = None) -> W4A8Weight:
     """The packed layout (int4 uint8 [N, K / 2], int8 [N, K]; fp16 scales / mins [N, K / G]) -> block-lane."""
@@ -107,8 +101,8 @@ def pack_w4a8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | 
     else:
         blocks = codes.reshape(num_panels, lanes, k // QK, 8, 4).permute(0, 2, 3, 1, 4)
     codes = blocks.reshape(num_panels, k // QK, -1).contiguous()
-    return W4A8Weight("int4" if mins is not None else "int8", group_size, codes, _to_lanes(scales, lanes),
-                      None if mins is None else _to_lanes(mins, lanes), shape)
+    return W4A8Weight("int4" if mins is not None else "int8", group_size, codes, to_panels(scales, lanes),
+                      None if mins is None else to_panels(mins, lanes), shape)
 
 
 def w4a8_linear(x: torch.Tensor, weight: W4A8Weight) -> torch.Tensor:

@@ -76,7 +76,7 @@ class PanelWeight:
         return self.qweight[panel, :, lane], self.scales[panel, :, lane], mins
 
 
-def _to_panels(t: torch.Tensor, width: int) -> torch.Tensor:
+def to_panels(t: torch.Tensor, width: int) -> torch.Tensor:
     # [N, C] -> zero-pad N to a multiple of width -> [N_pad / width, C, width]
     n = t.shape[0]
     t = F.pad(t, (0, 0, 0, -n % width)) if n % width else t
@@ -88,8 +88,8 @@ def pack_panels(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor 
     """The packed layout -> the panel layout (width defaults to the compiled kernel's vector width)."""
     width = width or weight_quant_kernels().panel_width()
     fmt = "int4" if mins is not None else "int8"
-    return PanelWeight(fmt, group_size, _to_panels(qweight, width), _to_panels(scales, width),
-                       None if mins is None else _to_panels(mins, width), shape)
+    return PanelWeight(fmt, group_size, to_panels(qweight, width), to_panels(scales, width),
+                       None if mins is None else to_panels(mins, width), shape)
 
 
 def quant_linear_cpu(x: torch.Tensor, weight: PanelWeight) -> torch.Tensor:
