@@ -12,7 +12,7 @@ VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: venv vllm-venv services dashboard test test-vllm generate serve proto bench gpu-suite clean
+.PHONY: venv vllm-venv services dashboard test test-vllm generate serve proto bench bench-peers gpu-suite clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -83,9 +83,42 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.throughput
 
+# `frugal bench`'s peers, each apart from the project's venv, each checked with one real completion of the bundled
+# model before its stamp is written. vLLM: the vLLM venv above. transformers: `transformers serve` in its own venv.
+# llama.cpp: its own llama-server, built for this CPU from the llama.cpp source that the pinned llama-cpp-python
+# release vendors (llama-cpp-python's Python server runs one request at a time, which is no serving peer).
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_DIR := .venv-llamacpp
+LLAMACPP_SRC := $(LLAMACPP_DIR)/src/llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp
+LLAMACPP_STAMP := $(LLAMACPP_DIR)/.installed
+TRANSFORMERS_VENV := .venv-transformers
+TRANSFORMERS_STAMP := $(TRANSFORMERS_VENV)/.installed
+PEER_CHECK = $(VENV)/bin/frugal bench single-stream --num-requests 1 --max-output-len 8 --repeats 1
+
+$(LLAMACPP_STAMP): Makefile | $(STAMP)
+	rm -rf $(LLAMACPP_DIR) && mkdir -p $(LLAMACPP_DIR)/src
+	$(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VERSION) -d $(LLAMACPP_DIR)/src
+	tar -xzf $(LLAMACPP_DIR)/src/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz -C $(LLAMACPP_DIR)/src
+	cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP_DIR)/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >$(LLAMACPP_DIR)/cmake.log
+	cmake --build $(LLAMACPP_DIR)/build --target llama-server -j$$(nproc) >$(LLAMACPP_DIR)/build.log
+	$(PEER_CHECK) --peers llamacpp --out $(LLAMACPP_DIR)/check
+	touch $@
+
+$(TRANSFORMERS_STAMP): Makefile | $(STAMP)
+	$(PYTHON) -m venv $(TRANSFORMERS_VENV)
+	$(TRANSFORMERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRANSFORMERS_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(TRANSFORMERS_VENV)/bin/python -m pip install -q 'transformers[serving]==5.24.0' accelerate==1.15.0
+	$(PEER_CHECK) --peers transformers --out $(TRANSFORMERS_VENV)/check
+	touch $@
+
+bench-peers: $(VLLM_STAMP) $(LLAMACPP_STAMP) $(TRANSFORMERS_STAMP)
+	$(PEER_CHECK) --peers vllm --out $(VLLM_VENV)/check
+
 # On a CUDA node: pytest -m gpu, the Triton kernels against the roofline at M = 1..256, the engine on CUDA.
 gpu-suite: $(STAMP)
 	$(PY) -m benchmarks.gpu_suite --out gpu-report
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_DIR) $(TRANSFORMERS_VENV) .pytest_cache

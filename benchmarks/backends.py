@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
-    from serving.engine.vllm.engine import hf_dir_for
+    from serving.loaders.convert import hf_dir_for
     from serving.loaders import default_model_path, load_tokenizer
 
     source = args.model or default_model_path()

@@ -132,13 +132,25 @@ def sse_payload(line: str):
     return json.loads(data)
 
 
-class HttpClient:
-    """Streaming POST /v1/completions over one httpx.AsyncClient; create it inside the event loop that uses it."""
+def _ignore_eos(request: SampledRequest) -> dict:
+    return {"ignore_eos": True}
 
-    def __init__(self, target: str) -> None:
+
+class HttpClient:
+    """Streaming POST /v1/completions over one httpx.AsyncClient; create it inside the event loop that uses it.
+
+    `fields(request)` gives the body's fields that make the server do exactly max_tokens of work (frugal's and
+    vLLM's `ignore_eos`; other servers word it otherwise); `text_prompts` sends the prompt's text instead of its
+    token ids, for servers that take only text; `ends_with_done`: the server closes its stream with
+    `data: [DONE]` (OpenAI's and frugal's do; transformers serve ends after the usage chunk).
+    """
+
+    def __init__(self, target: str, fields: Callable[[SampledRequest], dict] = _ignore_eos,
+                 text_prompts: bool = False, ends_with_done: bool = True) -> None:
         import httpx
 
         self._httpx = httpx
+        self.fields, self.text_prompts, self.ends_with_done = fields, text_prompts, ends_with_done
         # NOTE: no connection cap: at saturation every request must be in flight at once, as with gRPC's streams.
         self.client = httpx.AsyncClient(base_url=f"http://{target}", timeout=_HTTP_TIMEOUT_S,
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
@@ -149,8 +161,9 @@ class HttpClient:
     async def send(self, request: SampledRequest) -> RequestResult:
         result = RequestResult(request.prompt_len, request.output_len)
         # NOTE: no "model": the daemon then takes its default model, so the client need not ask for its id.
-        body = {"prompt": request.prompt_token_ids, "max_tokens": request.output_len,
-                "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        body = {"prompt": request.prompt if self.text_prompts else request.prompt_token_ids,
+                "max_tokens": request.output_len, "temperature": 0.0, "stream": True,
+                "stream_options": {"include_usage": True}, **self.fields(request)}
         started = time.monotonic()
         try:
             async with self.client.stream("POST", "/v1/completions", json=body) as response:
@@ -163,8 +176,7 @@ class HttpClient:
         result.e2e_s = time.monotonic() - started
         return result
 
-    @staticmethod
-    async def _read_stream(response, result: RequestResult, started: float) -> None:
+    async def _read_stream(self, response, result: RequestResult, started: float) -> None:
         # NOTE: completion chunks carry text, not token ids; the first token whose text is held back (a partial
         # UTF-8 character) shows up with the next one, so TTFT is the first chunk with text.
         async for line in response.aiter_lines():
@@ -180,7 +192,10 @@ class HttpClient:
                 result.ttft_s = time.monotonic() - started
             if payload.get("usage"):
                 result.num_output_tokens = payload["usage"]["completion_tokens"]
-        result.error = "the stream ended without data: [DONE]"
+                if not self.ends_with_done:
+                    return
+        result.error = "the stream ended without data: [DONE]" if self.ends_with_done else \
+            "the stream ended without a usage chunk"
 
 
 async def run_protocol(protocol: str, target: str, requests: list[SampledRequest],

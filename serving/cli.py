@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 
+from serving.cli_bench import add_bench, cmd_bench
 from serving.cli_cache import add_cache, cmd_cache
 from serving.cli_control import add_keys, add_report, cmd_keys, cmd_report
 from serving.cli_router import add_router, cmd_router
@@ -169,12 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     add_report(sub)
     add_cache(sub)
     add_router(sub)
+    add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import serving  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 
     commands = {"generate": cmd_generate, "serve": cmd_serve, "chat": cmd_chat, "quantize": cmd_quantize,
-                "convert": cmd_convert, "keys": cmd_keys, "report": cmd_report, "cache": cmd_cache, "router": cmd_router}
+                "convert": cmd_convert, "keys": cmd_keys, "report": cmd_report, "cache": cmd_cache, "router": cmd_router,
+                "bench": cmd_bench}
     return commands[args.command](args)
 
 

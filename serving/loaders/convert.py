@@ -87,3 +87,25 @@ def _check(gguf_path: str, out_dir: str, hf, tokenizer) -> int:
         raise RuntimeError(f"the converted copy of {gguf_path} answers differently: "
                            f"{tokenizer.decode(want[0])!r} vs {tokenizer.decode(got[0])!r}")
     return CHECK_TOKENS
+
+
+def hf_dir_for(model: str | None) -> str:
+    """An HF directory of `model` for engines that cannot read GGUF (vLLM's CPU build, transformers serve): a GGUF
+    (or the bundled default) is converted once into the cache; a directory is itself."""
+    from serving.loaders import _cache_root, default_model_path
+
+    path = os.path.abspath(os.path.expanduser(model or default_model_path()))
+    if os.path.isdir(path):
+        return path
+    stat = os.stat(path)
+    target = os.path.join(_cache_root(), "hf", f"{os.path.basename(path)}-{stat.st_size}-{stat.st_mtime_ns}")
+    if not os.path.isfile(os.path.join(target, "config.json")):
+        logger.info("converting %s to an HF directory (once): %s", path, target)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            convert(path, target)
+        except (ValueError, OSError):
+            # NOTE: another process converting the same file may have finished first; its copy is as good.
+            if not os.path.isfile(os.path.join(target, "config.json")):
+                raise
+    return target

@@ -27,6 +27,7 @@ from serving.engine.outputs import RequestMetrics, RequestOutput
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.stats import EngineStats
 from serving.engine.vllm.scheduler import REQ_ID_ARG, TENANT_ARG
+from serving.loaders.convert import hf_dir_for
 
 logger = logging.getLogger(__name__)
 
@@ -54,28 +55,6 @@ class _Tracked:
     text: str = ""  # text handed out so far
     token_ids: list[int] = field(default_factory=list)  # tokens handed out so far
     logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per generated token
-
-
-def hf_dir_for(model: str | None) -> str:
-    """vLLM's CPU build cannot read GGUF: a GGUF (or the bundled default) is converted once into the cache."""
-    from serving.loaders import _cache_root, default_model_path
-    from serving.loaders.convert import convert
-
-    path = os.path.abspath(os.path.expanduser(model or default_model_path()))
-    if os.path.isdir(path):
-        return path
-    stat = os.stat(path)
-    target = os.path.join(_cache_root(), "hf", f"{os.path.basename(path)}-{stat.st_size}-{stat.st_mtime_ns}")
-    if not os.path.isfile(os.path.join(target, "config.json")):
-        logger.info("converting %s to an HF directory for vLLM (once): %s", path, target)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        try:
-            convert(path, target)
-        except (ValueError, OSError):
-            # NOTE: another process converting the same file may have finished first; its copy is as good.
-            if not os.path.isfile(os.path.join(target, "config.json")):
-                raise
-    return target
 
 
 class VllmEngine:
