@@ -93,6 +93,12 @@ LLAMACPP_SRC := $(LLAMACPP_DIR)/src/llama_cpp_python-$(LLAMACPP_VERSION)/vendor/
 LLAMACPP_STAMP := $(LLAMACPP_DIR)/.installed
 TRANSFORMERS_VENV := .venv-transformers
 TRANSFORMERS_STAMP := $(TRANSFORMERS_VENV)/.installed
+# NOTE: this CPU's vector extensions, named one by one instead of -march=native, which would also switch on AMX:
+# VMs that advertise AMX without granting its tile state crash ggml's AMX matmul (SIGSEGV) on the first batch.
+LLAMACPP_ISA = $(shell $(PYTHON) -c 'flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split(); \
+	isa = dict(avx="AVX", avx2="AVX2", fma="FMA", f16c="F16C", bmi2="BMI2", avx_vnni="AVX_VNNI", avx512f="AVX512", \
+	           avx512_vnni="AVX512_VNNI", avx512_bf16="AVX512_BF16", avx512vbmi="AVX512_VBMI"); \
+	print(" ".join("-DGGML_%s=%s" % (v, "ON" if k in flags else "OFF") for k, v in isa.items()))')
 PEER_CHECK = $(VENV)/bin/frugal bench single-stream --num-requests 1 --max-output-len 8 --repeats 1
 
 $(LLAMACPP_STAMP): Makefile | $(STAMP)
@@ -100,7 +106,7 @@ $(LLAMACPP_STAMP): Makefile | $(STAMP)
 	$(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VERSION) -d $(LLAMACPP_DIR)/src
 	tar -xzf $(LLAMACPP_DIR)/src/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz -C $(LLAMACPP_DIR)/src
 	cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP_DIR)/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >$(LLAMACPP_DIR)/cmake.log
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=OFF $(LLAMACPP_ISA) >$(LLAMACPP_DIR)/cmake.log
 	cmake --build $(LLAMACPP_DIR)/build --target llama-server -j$$(nproc) >$(LLAMACPP_DIR)/build.log
 	$(PEER_CHECK) --peers llamacpp --out $(LLAMACPP_DIR)/check
 	touch $@

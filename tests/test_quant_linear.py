@@ -111,7 +111,8 @@ def test_every_packed_layer_of_the_engine_runs_triton_on_gpu():
 def test_other_vector_widths_match_reference(label, arch_flags):
     from kernels.weight_quant_cpu import _CFLAGS, _LDFLAGS, _SOURCE
 
-    ext = build_variant("frugal_weight_quant_cpu", [_SOURCE], _CFLAGS, _LDFLAGS, label, arch_flags)
+    ext = build_variant("frugal_weight_quant_cpu", [_SOURCE], _CFLAGS, _LDFLAGS, label, arch_flags,
+                        siblings=OTHER_BUILDS)
     width = ext.panel_width()
     for n, k, fmt in SHAPES:
         torch.manual_seed(0)

@@ -68,7 +68,7 @@ def test_kernel_matches_reference(qw):
 
 @pytest.mark.parametrize("label,flags", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_other_widths_match_reference(label, flags):
-    module = build_variant("frugal_w4a8_cpu", [_SOURCE], _CFLAGS, _LDFLAGS, label, flags)
+    module = build_variant("frugal_w4a8_cpu", [_SOURCE], _CFLAGS, _LDFLAGS, label, flags, siblings=VARIANTS)
     for qw in _weights():
         _check(module, qw)
 
