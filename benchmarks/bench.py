@@ -38,7 +38,8 @@ from pathlib import Path
 
 from benchmarks.bench_args import add_arguments, finish_arguments
 from benchmarks.bench_report import Phase, Point, cpu_name, markdown, plots, summarise
-from benchmarks.peers import PeakRss, Peer, PeerServer, ServerSpec, all_peers
+from benchmarks.metrics import PeakRSS
+from benchmarks.peers import Peer, PeerServer, ServerSpec, all_peers
 from benchmarks.serving_clients import HttpClient, RequestResult, arrival_offsets, run_schedule
 from benchmarks.sharegpt import SampledRequest, sample_requests, shared_prefix_requests
 from benchmarks.throughput import load_tokenizer
@@ -126,7 +127,7 @@ def run_peer(peer: Peer, spec: ServerSpec, requests: list[SampledRequest], warmu
     with PeerServer(peer, spec, workdir) as server:
         check_server(peer, server, spec, warmup)
         for point in run_points:
-            with PeakRss(server.proc.pid) as rss:
+            with PeakRSS(interval_s=0.1, pid=server.proc.pid, children=True) as rss:
                 results, duration = asyncio.run(_run_point(peer, server, spec, requests, point, seed))
             phase = Phase(peer.name, repeat, point, results, duration, rss.peak_bytes)
             failed = [r for r in results if r.error is not None]

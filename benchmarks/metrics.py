@@ -20,18 +20,21 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class PeakRSS:
-    """Samples this process's resident set size every `interval_s` while the block runs; keeps the peak.
+    """Samples this process's resident set size every `interval_s` while the block runs; keeps the peak. With
+    `pid`, another process's instead; with `children`, the sum over it and every process under it (a server
+    whose engine runs in a child, as vLLM's).
 
     Use one per phase: `with PeakRSS() as mem: ...`, then `mem.peak_bytes` (absolute) and `mem.delta_bytes`
     (peak minus the RSS on entry). NOTE: a sampler, not a hook on the allocator: a spike shorter than the
     interval can be missed, which is why the interval is short and the phases are seconds long.
     """
 
-    def __init__(self, interval_s: float = 0.02):
+    def __init__(self, interval_s: float = 0.02, pid: int | None = None, children: bool = False):
         self.interval_s = interval_s
         self.start_bytes = 0  # RSS when the block was entered
         self.peak_bytes = 0  # highest RSS seen, including the samples on entry and exit
-        self._process = psutil.Process()
+        self._process = psutil.Process(pid)
+        self._children = children
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -39,15 +42,30 @@ class PeakRSS:
     def delta_bytes(self) -> int:
         return self.peak_bytes - self.start_bytes
 
+    def _rss(self) -> int:
+        if not self._children:
+            return self._process.memory_info().rss
+        total = 0
+        try:
+            processes = [self._process, *self._process.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0  # the process ended: nothing resident
+        for process in processes:
+            try:
+                total += process.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass  # a child that ended between the listing and the read
+        return total
+
     def _sample(self) -> None:
-        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+        self.peak_bytes = max(self.peak_bytes, self._rss())
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
     def __enter__(self) -> PeakRSS:
-        self.start_bytes = self.peak_bytes = self._process.memory_info().rss
+        self.start_bytes = self.peak_bytes = self._rss()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
         self._thread.start()

@@ -23,14 +23,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
 
 from benchmarks.daemon import free_port
 from benchmarks.sharegpt import SampledRequest
@@ -192,50 +189,6 @@ def all_peers() -> dict[str, Peer]:
 
 
 # ---------------------------------------------------------------------------------------------- a running server
-
-
-@dataclass(slots=True)
-class PeakRss:
-    """Samples the resident memory of a process and all its children on a thread; peak in bytes."""
-
-    pid: int
-    interval_s: float = 0.1
-    peak_bytes: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def sample(self) -> int:
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0
-        total = 0
-        for proc in procs:
-            try:
-                total += proc.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        self.peak_bytes = max(self.peak_bytes, total)
-        return total
-
-    def __enter__(self) -> "PeakRss":
-        self.peak_bytes = 0
-        self._stop.clear()
-        self.sample()
-
-        def loop():
-            while not self._stop.wait(self.interval_s):
-                self.sample()
-
-        self._thread = threading.Thread(target=loop, name="peak-rss", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
 
 class PeerServer:
