@@ -13,8 +13,8 @@ each repeat (A B A B), so a drift of the machine shows in every stack's figures 
 
 --workload long-context draws prompts of 1024-3072 tokens instead of ShareGPT's usual short ones.
 
-Figures per stack and point: output tok/s, TTFT and TPOT p50 / p95 / p99, the server's peak resident memory
-(the process and its children), cost per million output tokens at --price-per-device-hour, and frugal's ratio
+Figures per stack and point: output tok/s, TTFT and TPOT p50 / p95 / p99, the server's peak memory (PSS summed
+over the process and its children), cost per million output tokens at --price-per-device-hour, and frugal's ratio
 against each peer. DIR gets report.json, report.md and, when matplotlib is installed, throughput.png (output
 tok/s against load) and latency_cdf.png (TTFT and TPOT distributions at the heaviest load).
 """

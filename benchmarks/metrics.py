@@ -21,8 +21,12 @@ def percentile(values: list[float], q: float) -> float:
 
 class PeakRSS:
     """Samples this process's resident set size every `interval_s` while the block runs; keeps the peak. With
-    `pid`, another process's instead; with `children`, the sum over it and every process under it (a server
-    whose engine runs in a child, as vLLM's).
+    `pid`, another process's instead; with `children`, the memory of it and every process under it (a server
+    whose engine runs in a child, as vLLM's), summed as PSS.
+
+    NOTE: a process tree is summed by proportional set size, not RSS: forked workers share the parent's pages
+    (torch's libraries, a model mapped once), and summing their RSS counts those pages once per process, which
+    made a tree of a few workers look several times its real size.
 
     Use one per phase: `with PeakRSS() as mem: ...`, then `mem.peak_bytes` (absolute) and `mem.delta_bytes`
     (peak minus the RSS on entry). NOTE: a sampler, not a hook on the allocator: a spike shorter than the
@@ -52,7 +56,7 @@ class PeakRSS:
             return 0  # the process ended: nothing resident
         for process in processes:
             try:
-                total += process.memory_info().rss
+                total += process.memory_full_info().pss
             except psutil.NoSuchProcess:
                 pass  # a child that ended between the listing and the read
         return total
