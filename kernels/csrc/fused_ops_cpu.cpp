@@ -4,7 +4,8 @@
 // Rounding matches the torch expressions they replace (serving/models/llama.py, serving/models/rope.py): the
 // extension builds without -ffast-math and without FMA contraction, every product and sum rounds as torch's
 // does; only RMSNorm's sum of squares adds in another order.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -17,7 +18,7 @@ constexpr int64_t kElementsPerTask = int64_t{1} << 16;
 
 int64_t grain_for(int64_t row_elements) { return std::max<int64_t>(1, kElementsPerTask / row_elements); }
 
-void check_rows(const torch::Tensor& t, const char* name) {
+void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1, name,
               " must be fp32 [T, D] with contiguous rows");
 }
@@ -26,7 +27,7 @@ void check_rows(const torch::Tensor& t, const char* name) {
 
 // out = weight * (h * rsqrt(mean(h^2) + eps)) with h = x, or, with `residual`, h = residual += x (in place):
 // the residual stream's add fused into the next norm. Returns out [T, D].
-torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps) {
+at::Tensor rms_norm(at::Tensor x, c10::optional<at::Tensor> residual, at::Tensor weight, double eps) {
   check_rows(x, "x");
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == x.size(1),
               "weight must be fp32 [D]");
@@ -39,7 +40,7 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, t
     rp = residual->data_ptr<float>();
     r_stride = residual->stride(0);
   }
-  auto out = torch::empty({T, D}, x.options());
+  auto out = at::empty({T, D}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -70,7 +71,7 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, t
 // (x1, x2) -> (x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2) with cos/sin rows [max_pos, head_dim] taken at
 // each token's position (halves duplicated, as serving/models/rope.py stores them).
 // qkv: [T, (H + 2 * KV) * head_dim] rows; positions: [T] int64.
-void rotary_(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
+void rotary_(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor sin, int64_t num_heads,
              int64_t num_kv_heads, int64_t head_dim) {
   check_rows(qkv, "qkv");
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == qkv.size(0),
@@ -105,8 +106,8 @@ void rotary_(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torc
 }
 
 // k, v: [T, KV * D] rows (views into qkv); caches: [num_blocks * block_size, KV * D] flat; slots: [T] int64.
-void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
-              torch::Tensor slot_mapping) {
+void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache,
+              at::Tensor slot_mapping) {
   check_rows(k, "k");
   check_rows(v, "v");
   TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous() &&

@@ -13,7 +13,8 @@
 // loaded and unpacked once and multiplied into every row of the block. A row's arithmetic does not depend on the
 // other rows of the call, so results are batch invariant.
 // L is 16 with AVX-512BW (VNNI when the build has it), 8 with AVX2 (AVX-VNNI when present), 8 in a portable loop.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -230,7 +231,7 @@ int64_t lane_count() { return L; }
 
 // x: [M, K] fp32; codes: uint8 [N_pad / L, K / 32, 16L (int4) or 32L (int8)]; scales (mins): fp16 [N_pad / L, K / G, L];
 // n: the real N  ->  [M, n] fp32
-torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins, int64_t n,
+at::Tensor w4a8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, at::Tensor mins, int64_t n,
                           int64_t group_size, bool int4) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be fp32 [M, K]");
   x = x.contiguous();
@@ -246,7 +247,7 @@ torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
               "scales must be contiguous fp16 [N_pad / L, K / G, L]");
   TORCH_CHECK(!int4 || (mins.scalar_type() == at::kHalf && mins.is_contiguous() && mins.sizes() == scales.sizes()),
               "mins must be contiguous fp16 [N_pad / L, K / G, L]");
-  auto y = torch::empty({M, n}, x.options());
+  auto y = at::empty({M, n}, x.options());
   if (M == 0) return y;
   const int64_t nb = K / QK;
   std::vector<int8_t> xq(M * K);

@@ -13,7 +13,8 @@
 //   the core's cache, then a register-blocked micro-kernel (MR rows x P columns of accumulators, one
 //   broadcast-FMA per row and k) runs every block of MR activation rows over it.
 // P is the vector width: 16 floats with AVX-512, 8 with AVX2, 8 in a portable loop elsewhere.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 
 #include "vec.h"
@@ -196,7 +197,7 @@ int64_t panel_width() { return P; }
 
 // x: [M, K] fp32; qweight: int4 uint8 [N_pad / P, K / 2, P] or int8 [N_pad / P, K, P];
 // scales/mins: fp16 [N_pad / P, K / G, P]; n: the real N (<= N_pad)  ->  [M, n] fp32
-torch::Tensor panel_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins,
+at::Tensor panel_linear(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tensor mins,
                            int64_t n, int64_t group_size, bool int4) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be fp32 [M, K]");
   x = x.contiguous();
@@ -215,7 +216,7 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
   } else {
     TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.size(1) == K, "int8 qweight must be int8 [., K, P]");
   }
-  auto y = torch::empty({M, n}, x.options());
+  auto y = at::empty({M, n}, x.options());
   if (M == 0) return y;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -256,8 +257,8 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
 
 // The whole weight dequantized as w^T into `out` (fp32 [K, N_pad], contiguous): for prefill-sized batches, where a
 // float GEMM over it beats the micro-kernel. Same values as serving.quant.layout.dequantize, bit for bit.
-torch::Tensor dequant_panels_t(torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins, int64_t group_size,
-                               bool int4, torch::Tensor out) {
+at::Tensor dequant_panels_t(at::Tensor qweight, at::Tensor scales, at::Tensor mins, int64_t group_size,
+                               bool int4, at::Tensor out) {
   const int64_t num_panels = qweight.size(0), K = int4 ? qweight.size(1) * 2 : qweight.size(1), G = group_size;
   TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == P && qweight.is_contiguous(), "qweight must be panels");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.size(1) * G == K,
