@@ -168,3 +168,31 @@ def fused_ops(x=None):
     if x is not None and (x.device.type != "cpu" or x.dtype != torch.float32):
         return None
     return _fused_ops.get()
+
+
+def prebuild_cpu_extensions() -> list[threading.Thread]:
+    """Starts building (or loading) every CPU extension of the package at once, as many compilers at a time as
+    this process has cores, and returns without waiting. Called when a model starts loading on the CPU: the
+    builds overlap the checkpoint's parsing, and a layer that asks for its kernel meanwhile waits on that
+    extension's lock instead of compiling it a second time. Returns the build threads.
+
+    NOTE: not daemon threads: a process that exits mid-build would leave torch's lock file in the build folder,
+    and every later load of that extension would wait on it; exiting waits for the compiler instead."""
+    if os.environ.get("FRUGAL_CPU_KERNELS", "1") == "0":
+        return []
+    from kernels import w4a8_cpu, weight_quant_cpu  # they import this module: imported here, not at the top
+
+    pending = [e for e in (_paged_attention, _fused_ops, w4a8_cpu._extension, weight_quant_cpu._extension)
+               if e._module is None and not e._tried]
+    # NOTE: each build is one translation unit, so one compiler process per core; torch's headers make each
+    # take tens of seconds, and four of them one after another were most of a first start.
+    slots = threading.BoundedSemaphore(max(1, len(os.sched_getaffinity(0))))
+
+    def build(extension: LazyExtension) -> None:
+        with slots:
+            extension.get()
+
+    threads = [threading.Thread(target=build, args=(e,), name=f"build-{e.name}") for e in pending]
+    for thread in threads:
+        thread.start()
+    return threads

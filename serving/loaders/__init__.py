@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.cpu_ops import prebuild_cpu_extensions
 from serving.loaders.gguf_loader import CheckpointError, gguf_model_args, load_gguf_state_dict, open_gguf
 from serving.loaders.bnb_loader import is_bnb_checkpoint, load_bnb_state_dict  # hook: bitsandbytes
 from serving.loaders.gptq_loader import is_gptq_checkpoint, load_gptq_state_dict  # hook: GPTQ
@@ -83,6 +84,8 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, devi
     float weights; "auto" keeps weights that are stored packed (GGUF Q4_0/Q4_1/Q8_0, our quantized
     checkpoints) packed; "int4-g*"/"int8" quantize the linear layers at load. The embedding stays float."""
     path = os.path.abspath(os.path.expanduser(path or default_model_path()))
+    if torch.device(device).type == "cpu" and os.path.exists(path):
+        prebuild_cpu_extensions()  # compiles on a first start, in parallel with the checkpoint's parsing
     if os.path.isdir(path):
         args = hf_model_args(path)
         if is_quantized_checkpoint(path):
