@@ -40,8 +40,7 @@ CPU_PATHS = ("auto", "w4a8", "kernel", "fbgemm", "int4pack", "dequant")
 # rounds activations to int8 per block of 32: 96-98% greedy agreement with fp32 at 1.4-3.5x the speed per layer,
 # but its rounding turns the last-bit differences that batching makes elsewhere (chunked-prefill attention) into
 # different tokens, so a request's output would depend on what runs beside it. "auto" (serving/quant/path_gate.py)
-# takes it where it builds, fits and meets the agreement gate; the engine's default (EngineConfig.quant_cpu_path)
-# asks for "auto", a layer built on its own keeps the exact path.
+# takes it where it builds, fits and meets the agreement gate; it is opt-in.
 DEFAULT_CPU_PATH = "kernel"
 KERNEL_GEMM_MIN_M = 128  # from here on the float GEMM over a dequantized weight wins (benchmarks/quant_cpu.py)
 KERNEL_TILE_PANELS = 256  # panels dequantized per GEMM: whole layers, the lm_head in tiles of 2-4k rows
