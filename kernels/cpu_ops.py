@@ -181,6 +181,10 @@ def prebuild_cpu_extensions() -> list[threading.Thread]:
     if os.environ.get("FRUGAL_CPU_KERNELS", "1") == "0":
         return []
     from kernels import w4a8_cpu, weight_quant_cpu  # they import this module: imported here, not at the top
+    # NOTE: imported here, before any build thread starts: its first import pulls in setuptools, whose distutils
+    # shim adds and removes a sys.meta_path entry, and an import running beside that in another thread can miss
+    # the path finder and fail with "No module named ..." (a daemon's `import gguf` did).
+    import torch.utils.cpp_extension  # noqa: F401
 
     pending = [e for e in (_paged_attention, _fused_ops, w4a8_cpu._extension, weight_quant_cpu._extension)
                if e._module is None and not e._tried]
