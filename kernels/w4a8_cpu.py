@@ -124,9 +124,10 @@ def quantize_activations_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return xq.reshape(x.shape), d
 
 
-def w4a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                    group_size: int) -> torch.Tensor:
-    """The kernel's arithmetic in torch, over the packed layout: exact integer dots, scaled per block."""
+def w4a8_block_terms_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                         group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms the kernel adds per block of 32 features, in fp64: (s * d) * dot(code, xq) and
+    min * d * sum(xq), each [M, N, K / 32]. Their sum over blocks is the kernel's output."""
     # qweight: int4 uint8 [N, K // 2] (even k low nibble) or int8 [N, K]; scales/mins: fp16 [N, K // G]
     xq, d = quantize_activations_ref(x)
     m, k = xq.shape
@@ -140,5 +141,11 @@ def w4a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     s = scales.double().repeat_interleave(group_size // QK, dim=1)  # [N, K / 32]
     mn = (mins.double() if mins is not None else -128 * scales.double()).repeat_interleave(group_size // QK, dim=1)
     d = d.double()
-    y = (dots * (s.unsqueeze(0) * d.unsqueeze(1))).sum(-1) + (mn.unsqueeze(0) * (d * sums).unsqueeze(1)).sum(-1)
-    return y.float()
+    return dots * (s.unsqueeze(0) * d.unsqueeze(1)), mn.unsqueeze(0) * (d * sums).unsqueeze(1)
+
+
+def w4a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                    group_size: int) -> torch.Tensor:
+    """The kernel's arithmetic in torch, over the packed layout: exact integer dots, scaled per block."""
+    dot_terms, min_terms = w4a8_block_terms_ref(x, qweight, scales, mins, group_size)
+    return (dot_terms.sum(-1) + min_terms.sum(-1)).float()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.w4a8_cpu import (_CFLAGS, _LDFLAGS, _SOURCE, _extension, pack_w4a8, quantize_activations_ref, supports,
-                              w4a8_linear, w4a8_linear_ref)
+                              w4a8_block_terms_ref, w4a8_linear, w4a8_linear_ref)
 from serving.quant.layout import QuantizedWeight, dequantize, quantize
 from serving.quant.linear import QuantLinear
 from cpu_builds import CPU_FLAGS, build_variant, require
@@ -43,29 +43,14 @@ def _weights():
 
 def _rounding_bound(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     """[M, N]: how far the kernel's fp32 sum may honestly drift from the fp64 reference: a few units in the last
-    place of the magnitudes it adds, block by block (the dot term and the min term, each scaled).
+    place of the terms it adds, block by block (its integer dots are exact; only their scaling and sum round).
 
     NOTE: int8 codes are stored offset by 128, so each block adds `-128 * s * d * sum(xq)` and takes almost as much
     back in the dot term; on a row with an outlier these terms reach the thousands while y stays small, and a fixed
     atol fails on fp32 rounding alone (about one draw in twenty did). A code off by one moves y by s * d, which
-    stays above this bound (the kernel's worst drift measured over 300 draws: under a fifth of it)."""
-    xq, d = quantize_activations_ref(x)
-    m, k = xq.shape
-    if qw.mins is not None:
-        codes = torch.stack([qw.qweight & 0x0F, qw.qweight >> 4], dim=-1).reshape(qw.shape[0], k).double()
-        mn = qw.mins.double()
-    else:
-        codes = qw.qweight.double() + 128
-        mn = -128 * qw.scales.double()
-    per_block = qw.group_size // 32
-    s = qw.scales.double().repeat_interleave(per_block, dim=1)  # [N, K / 32]
-    mn = mn.repeat_interleave(per_block, dim=1).abs()
-    xa = xq.double().abs().reshape(m, -1, 32)
-    dots = torch.einsum("mbk,nbk->mnb", xa, codes.reshape(qw.shape[0], -1, 32))
-    sums = xa.sum(-1) * d.double()  # [M, K / 32]
-    dot_terms = (dots * (s.unsqueeze(0) * d.double().unsqueeze(1))).sum(-1)
-    min_terms = (mn.unsqueeze(0) * sums.unsqueeze(1)).sum(-1)
-    return (4 * 2.0**-24 * (dot_terms + min_terms)).float()
+    stays above this bound."""
+    dot_terms, min_terms = w4a8_block_terms_ref(x, qw.qweight, qw.scales, qw.mins, qw.group_size)
+    return (4 * 2.0**-24 * (dot_terms.abs() + min_terms.abs()).sum(-1)).float()
 
 
 def _check(module, qw: QuantizedWeight) -> None:
