@@ -5,10 +5,14 @@ p of a sequence lives in slot block_table[p // block_size] * block_size + p % bl
 
 A step's flat batch holds decode tokens first (one query token per sequence) and then prefill chunks. Decodes
 run as one batched call over their gathered blocks; the query heads that share a KV head are folded into the
-query-length axis, so GQA needs no copy of K/V per query head. On the CPU the decodes instead go through a
-compiled kernel (kernels/csrc/paged_attention_cpu.cpp) that reads K/V in place, without the gather copy. Each prefill chunk runs on its own: a fresh
+query-length axis, so GQA needs no copy of K/V per query head. Each prefill chunk runs on its own: a fresh
 prompt attends to its own keys with a causal mask (no gather at all); a chunk behind a cached prefix gathers
 its blocks and uses an offset causal mask.
+
+On the CPU (fp32) decodes and prefill chunks instead go through a compiled kernel
+(kernels/csrc/paged_attention_cpu.cpp) that reads K/V in place and runs every token as a decode over its own
+context: a token's output is then the same, bit for bit, however it was scheduled (whole prompt, chunk, cached
+prefix, decode) and whatever ran beside it.
 
 Sliding-window (local) layers pass `sliding_window`: a query at position p sees keys p - window < k <= p (as
 transformers' `sliding_window_overlay`). The cache still holds every key; the window is a mask. The compiled CPU
@@ -90,10 +94,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         v_ctx = gather_blocks(v_cache, meta.decode_block_tables)
         o = _attend(q_dec, k_ctx.to(q.dtype), v_ctx.to(q.dtype), mask, scale, softcap)
         out[:num_decodes] = o.reshape(num_decodes, num_heads, head_dim)
+    use_kernel = bool(meta.prefills) and softcap is None and _use_cpu_kernel(q, k_cache)
     for chunk in meta.prefills:
         s, e = chunk.token_start, chunk.token_end
-        q_c = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
         windowed = sliding_window is not None and chunk.start_pos + (e - s) > sliding_window
+        if use_kernel and not windowed:
+            # NOTE: not SDPA: its blocking depends on the chunk's length, so a token would round differently when
+            # prefilled whole, in chunks, behind a cached prefix or beside other work, and int8 activations turn
+            # such last-bit differences into different tokens. The kernel runs each query as a decode.
+            out[s:e] = cpu_kernels().paged_prefill_attention(q[s:e], k_cache, v_cache, chunk.block_table,
+                                                             chunk.start_pos, scale)
+            continue
+        q_c = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
         if chunk.start_pos == 0 and not windowed and softcap is None:
             k_c = k[s:e].transpose(0, 1).unsqueeze(0)
             v_c = v[s:e].transpose(0, 1).unsqueeze(0)

@@ -1,4 +1,5 @@
-"""Paged attention against its naive float64 reference, on odd shapes, both the torch path and the CPU kernel."""
+"""Paged attention against its naive float64 reference, on odd shapes, both the torch path and the CPU kernel; the
+kernel's outputs do not depend on the rest of the batch or on how a prompt was split into chunks."""
 import os
 
 import pytest
@@ -94,12 +95,46 @@ def test_decode_kernel_is_batch_invariant():
         assert torch.equal(alone[0], together[i])
 
 
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size", [(9, 3, 64, 16), (4, 2, 20, 8)])
+def test_prefill_kernel_rounds_as_decode(num_heads, num_kv_heads, head_dim, block_size):
+    """A prefilled token's attention is bit for bit its decode, and a chunk behind cached tokens gives the rows
+    of the whole prefill: a token rounds the same however its prompt was scheduled."""
+    require(_paged_attention)
+    n = 45
+    q, k, v, k_cache, v_cache, tables = _case(3, num_heads, num_kv_heads, head_dim, block_size, [(0, n)])
+    write_kv(k, v, k_cache, v_cache, _meta([(0, n)], tables, block_size).slot_mapping)
+    table, scale = torch.tensor(tables[0]), head_dim ** -0.5
+    ext = cpu_kernels()
+    whole = ext.paged_prefill_attention(q, k_cache, v_cache, table, 0, scale)
+    ref = paged_attention_ref(q, k_cache, v_cache, tables, [0], [n], scale)
+    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-5)
+    for split in (1, block_size, 30, n - 1):
+        assert torch.equal(ext.paged_prefill_attention(q[split:], k_cache, v_cache, table, split, scale), whole[split:])
+        assert torch.equal(ext.paged_prefill_attention(q[:split], k_cache, v_cache, table, 0, scale), whole[:split])
+    decoded = ext.paged_decode_attention(q, k_cache, v_cache, table.expand(n, -1).contiguous(),
+                                         torch.arange(1, n + 1), scale)
+    assert torch.equal(decoded, whole)
+
+
+def test_prefill_kernel_rejects_a_chunk_past_its_block_table():
+    require(_paged_attention)
+    q, _, _, k_cache, v_cache, tables = _case(4, 4, 2, 16, 4, [(0, 8)])
+    with pytest.raises(RuntimeError, match="does not fit the block table"):
+        cpu_kernels().paged_prefill_attention(q, k_cache, v_cache, torch.tensor(tables[0][:1]), 0, 0.25)
+
+
 @pytest.mark.parametrize("label,arch_flags", OTHER_BUILDS, ids=OTHER_BUILD_IDS)
-def test_decode_kernel_other_vector_widths(label, arch_flags):
+def test_kernel_other_vector_widths(label, arch_flags):
     require(_paged_attention)
     ext = build_variant("frugal_cpu_kernels", [os.path.join(_CSRC, "paged_attention_cpu.cpp")], _CFLAGS, _LDFLAGS,
                         label, arch_flags, siblings=OTHER_BUILDS)
     for num_heads, num_kv_heads, head_dim, block_size, seqs in SHAPES:
+        for start, n in [(s, n) for s, n in seqs if n > 1]:
+            q, k, v, k_cache, v_cache, tables = _case(2, num_heads, num_kv_heads, head_dim, block_size, [(start, n)])
+            write_kv(k, v, k_cache, v_cache, _meta([(start, n)], tables, block_size).slot_mapping)
+            out = ext.paged_prefill_attention(q, k_cache, v_cache, torch.tensor(tables[0]), start, head_dim ** -0.5)
+            ref = paged_attention_ref(q, k_cache, v_cache, tables, [start], [n], head_dim ** -0.5)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         decodes = [(s, n) for s, n in seqs if n == 1]
         if not decodes:
             continue

@@ -104,3 +104,27 @@ def test_the_gate_falls_back_to_fp32_activations_below_its_threshold(w4a8_model)
         for layer in layers:
             layer.set_path("w4a8")
     assert torch.equal(layers[0](x), before)
+
+
+def test_int8_activations_keep_each_request_independent_of_its_batch(w4a8_model):
+    """int8 rounding turns a last-bit difference into a different code, and so into a different token, so on
+    "w4a8" every token must round the same however it is scheduled: each request's tokens and logprobs equal its
+    solo run when it runs again behind its own cached prefix, beside the others, and with its prompt cut into
+    small chunks."""
+    def make(**kwargs):
+        return LLM(loaded=w4a8_model, quantization="auto", kv_cache_memory_bytes=96 << 20, max_model_len=1024,
+                   **kwargs)
+    llm = make()
+    chat = [{"prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": c}], True)}
+            for c in ("Write a haiku.", "Name a colour.", "Explain what a KV cache is.")]
+    prompts = chat + PROMPTS[:5]
+    params = [SamplingParams(max_tokens=16, temperature=0.0, logprobs=2),
+              SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=7, logprobs=1)] * 4
+
+    def run(engine, batch):
+        return [(o.token_ids, o.logprobs) for o in engine.generate([prompts[i] for i in batch],
+                                                                  [params[i] for i in batch])]
+    solo = [run(llm, [i])[0] for i in range(len(prompts))]
+    assert [run(llm, [i])[0] for i in range(len(prompts))] == solo  # behind their cached prefixes
+    assert run(llm, range(len(prompts))) == solo
+    assert run(make(max_num_batched_tokens=24, max_num_seqs=8, enable_prefix_caching=False), range(len(prompts))) == solo
