@@ -55,10 +55,10 @@ class EngineConfig:
     # weight quantization: "none" dequantizes to `dtype`; "auto" keeps GGUF Q4_0/Q4_1/Q8_0 and our quantized
     # checkpoints packed (other GGUF quant types become int4-g32); "int4-g32|g64|g128"/"int8" quantize at load
     quantization: str = "auto"
-    # matmul path of packed layers on the CPU (serving/quant/linear.py): "kernel" (fp32 activations, exact to the
-    # dequantized weights, outputs independent of batching); "auto": int8 activations with integer dot products
-    # ("w4a8", faster) where they meet the greedy-agreement gate against fp32 (serving/quant/path_gate.py)
-    quant_cpu_path: str = "kernel"
+    # matmul path of packed layers on the CPU (serving/quant/linear.py): "auto" takes int8 activations with integer
+    # dot products ("w4a8", the fastest, each row rounded on its own) where they meet the greedy-agreement gate
+    # against fp32 (serving/quant/path_gate.py); "kernel" keeps fp32 activations (exact to the dequantized weights)
+    quant_cpu_path: str = "auto"
     block_size: int = 16  # tokens per KV block
     kv_cache_memory_bytes: int = 2 << 30  # memory budget of the paged KV cache; the block pool is sized from it
     max_num_seqs: int = 64  # most sequences in one step

@@ -1,6 +1,6 @@
 """The engine on packed weights: the bundled Q4_1 model stays packed under quantization="auto", and its greedy
-outputs agree with the same weights dequantized to fp32: exactly on the fp32-activation path ("kernel", the
-default), and above the agreement gate with int8 activations ("w4a8", taken by quant_cpu_path "auto")."""
+outputs agree with the same weights dequantized to fp32: exactly on the fp32-activation path ("kernel"),
+and above the agreement gate with int8 activations ("w4a8", taken by quant_cpu_path "auto", the default)."""
 import os
 
 import pytest

@@ -36,11 +36,12 @@ CPU_PATHS = ("auto", "w4a8", "kernel", "fbgemm", "int4pack", "dequant")
 # NOTE: measured in benchmarks/quant_cpu.py: fbgemm is the fastest per layer but quantizes activations per
 # tensor, and the bundled model's greedy outputs diverge at once (0% token agreement); int4pack rounds
 # activations and outputs to bf16 (86% agreement, slower than fp32 at M >= 32). "kernel" keeps fp32
-# activations (100% agreement on the engine test) and is the default wherever the extension compiles. "w4a8"
-# rounds activations to int8 per block of 32: 96-98% greedy agreement with fp32 at 1.4-3.5x the speed per layer,
-# but its rounding turns the last-bit differences that batching makes elsewhere (chunked-prefill attention) into
-# different tokens, so a request's output would depend on what runs beside it. "auto" (serving/quant/path_gate.py)
-# takes it where it builds, fits and meets the agreement gate; it is opt-in.
+# activations (100% agreement on the engine test). "w4a8" rounds activations to int8 per block of 32: 96-98%
+# greedy agreement with fp32 at 1.4-3.5x the speed per layer. Its rounding turns any last-bit difference into a
+# different code, so it is only safe because every row is rounded on its own here and the CPU attention kernel
+# rounds a token the same however it is batched. "auto" (serving/quant/path_gate.py) takes it where it builds,
+# fits and meets the agreement gate; the engine's default (EngineConfig.quant_cpu_path) asks for "auto", a layer
+# built on its own keeps "kernel".
 DEFAULT_CPU_PATH = "kernel"
 KERNEL_GEMM_MIN_M = 128  # from here on the float GEMM over a dequantized weight wins (benchmarks/quant_cpu.py)
 KERNEL_TILE_PANELS = 256  # panels dequantized per GEMM: whole layers, the lm_head in tiles of 2-4k rows

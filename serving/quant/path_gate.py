@@ -1,7 +1,7 @@
 """The load-time agreement gate of the W4A8 CPU path: int8 activations are kept only where they agree with fp32.
 
 "w4a8" (kernels/w4a8_cpu.py) rounds activations to int8 per block of 32, so a model's greedy next tokens can
-differ from those of the fp32-activation path ("kernel", exact to the dequantized weights, the default). When the
+differ from those of the fp32-activation path ("kernel", exact to the dequantized weights). When the
 engine loads a model with `quant_cpu_path: auto`, this gate reads a few held texts through both paths in one teacher-forced
 prefill each (serving/quant/quality.py) and keeps "w4a8" only when the share of positions with the same argmax
 is at least MIN_AGREEMENT; otherwise every layer goes back to "kernel". The verdict is stored under
