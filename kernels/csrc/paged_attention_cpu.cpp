@@ -21,6 +21,7 @@
 #include "vec.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -39,6 +40,39 @@ float softmax_weights(float* s, int64_t L) {
     sum += s[t];
   }
   return 1.f / sum;
+}
+
+// The weighted values of GB query heads at once (their score rows at stride Lp), CB vectors of columns at a time,
+// so each value vector is loaded once for GB heads. Every output element is still the sum of w_t * v_t over t in
+// order, from zero, then times 1 / sum(w): the same arithmetic as one head on its own.
+constexpr int kHeadBlock = 3;
+constexpr int kColumnVectors = P == 16 ? 4 : 2;  // GB x CB accumulators: 12 of 32 registers, 6 of 16
+template <int NC, int GB>
+inline void weigh_values(const float* scores, int64_t Lp, const float* v_head, const int64_t* table, int64_t L,
+                         int64_t BS, int64_t row, const float* inv, float* out) {
+  constexpr int CB = NC % kColumnVectors == 0 ? kColumnVectors : (NC % 2 == 0 ? 2 : 1);
+  constexpr int64_t D = NC * P;
+  for (int c0 = 0; c0 < NC; c0 += CB) {
+    vec acc[GB][CB];
+    for (int g = 0; g < GB; ++g)
+      for (int c = 0; c < CB; ++c) acc[g][c] = vzero();
+    for (int64_t t0 = 0; t0 < L; t0 += BS) {
+      const float* vb = v_head + table[t0 / BS] * BS * row + c0 * P;
+      const int64_t n = std::min(BS, L - t0);
+      for (int64_t j = 0; j < n; ++j) {
+        vec w[GB];
+        for (int g = 0; g < GB; ++g) w[g] = vbcast(scores + g * Lp + t0 + j);
+        for (int c = 0; c < CB; ++c) {
+          const vec v = vload(vb + j * row + c * P);
+          for (int g = 0; g < GB; ++g) acc[g][c] = vfma(w[g], v, acc[g][c]);
+        }
+      }
+    }
+    for (int g = 0; g < GB; ++g) {
+      const vec vinv = vbcast(inv + g);
+      for (int c = 0; c < CB; ++c) vstore(out + g * D + (c0 + c) * P, vmul(acc[g][c], vinv));
+    }
+  }
 }
 
 // One (token, kv head) task with D = NC * P: scores for the G query heads, softmax, weighted values.
@@ -60,21 +94,15 @@ void attend_vec(const float* q, int64_t G, const float* k_head, const float* v_h
       }
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores + g * Lp;
-    const float inv = softmax_weights(sg, L);
-    vec acc[NC];
-    for (int c = 0; c < NC; ++c) acc[c] = vzero();
-    for (int64_t t0 = 0; t0 < L; t0 += BS) {
-      const float* vb = v_head + table[t0 / BS] * BS * row;
-      const int64_t n = std::min(BS, L - t0);
-      for (int64_t j = 0; j < n; ++j) {
-        const vec w = vbcast(sg + t0 + j);
-        for (int c = 0; c < NC; ++c) acc[c] = vfma(w, vload(vb + j * row + c * P), acc[c]);
-      }
-    }
-    const vec vinv = vbcast(&inv);
-    for (int c = 0; c < NC; ++c) vstore(out + g * D + c * P, vmul(acc[c], vinv));
+  std::array<float, kHeadBlock> inv;
+  for (int64_t g0 = 0; g0 < G; g0 += kHeadBlock) {
+    const int64_t num = std::min<int64_t>(kHeadBlock, G - g0);
+    for (int64_t g = 0; g < num; ++g) inv[g] = softmax_weights(scores + (g0 + g) * Lp, L);
+    const float* sg = scores + g0 * Lp;
+    float* og = out + g0 * D;
+    if (num == 3) weigh_values<NC, 3>(sg, Lp, v_head, table, L, BS, row, inv.data(), og);
+    else if (num == 2) weigh_values<NC, 2>(sg, Lp, v_head, table, L, BS, row, inv.data(), og);
+    else weigh_values<NC, 1>(sg, Lp, v_head, table, L, BS, row, inv.data(), og);
   }
 }
 
