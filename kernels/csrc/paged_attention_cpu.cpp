@@ -42,72 +42,119 @@ float softmax_weights(float* s, int64_t L) {
   return 1.f / sum;
 }
 
-// The weighted values of GB query heads at once (their score rows at stride Lp), CB vectors of columns at a time,
-// so each value vector is loaded once for GB heads. Every output element is still the sum of w_t * v_t over t in
-// order, from zero, then times 1 / sum(w): the same arithmetic as one head on its own.
-constexpr int kHeadBlock = 3;
+// NOTE: every score row starts on a 64-byte boundary and is as long as its own context (padded): the vectorized
+// softmax sum may peel for alignment, and its grouping (so its rounding) must depend on the token's own context
+// length only, never on the rest of its tile or call.
+constexpr int64_t kAlign = 16;  // floats per 64 bytes
+inline int64_t padded(int64_t L) { return (L + kAlign - 1) / kAlign * kAlign; }
+
+constexpr int kHeadBlock = 3;  // query heads weighed together
 constexpr int kColumnVectors = P == 16 ? 4 : 2;  // GB x CB accumulators: 12 of 32 registers, 6 of 16
+constexpr int64_t kTileTokens = 16;  // prefill tokens per task: each key and value block is read once for them
+
+// acc[GB heads][D] += sum over the n tokens of one block of w_t * v_t, for GB query heads at once (their weights
+// at stride Lp), CB vectors of columns at a time, so each value vector is loaded once for GB heads. The sums
+// live in memory between blocks; each element still adds w_t * v_t over t in order, from zero, exactly as one
+// head alone over the whole context would.
 template <int NC, int GB>
-inline void weigh_values(const float* scores, int64_t Lp, const float* v_head, const int64_t* table, int64_t L,
-                         int64_t BS, int64_t row, const float* inv, float* out) {
+inline void weigh_block(const float* w_rows, int64_t Lp, const float* vb, int64_t n, int64_t row, float* acc) {
   constexpr int CB = NC % kColumnVectors == 0 ? kColumnVectors : (NC % 2 == 0 ? 2 : 1);
   constexpr int64_t D = NC * P;
   for (int c0 = 0; c0 < NC; c0 += CB) {
-    vec acc[GB][CB];
+    vec a[GB][CB];
     for (int g = 0; g < GB; ++g)
-      for (int c = 0; c < CB; ++c) acc[g][c] = vzero();
-    for (int64_t t0 = 0; t0 < L; t0 += BS) {
-      const float* vb = v_head + table[t0 / BS] * BS * row + c0 * P;
-      const int64_t n = std::min(BS, L - t0);
-      for (int64_t j = 0; j < n; ++j) {
-        vec w[GB];
-        for (int g = 0; g < GB; ++g) w[g] = vbcast(scores + g * Lp + t0 + j);
-        for (int c = 0; c < CB; ++c) {
-          const vec v = vload(vb + j * row + c * P);
-          for (int g = 0; g < GB; ++g) acc[g][c] = vfma(w[g], v, acc[g][c]);
-        }
+      for (int c = 0; c < CB; ++c) a[g][c] = vload(acc + g * D + (c0 + c) * P);
+    for (int64_t j = 0; j < n; ++j) {
+      vec w[GB];
+      for (int g = 0; g < GB; ++g) w[g] = vbcast(w_rows + g * Lp + j);
+      for (int c = 0; c < CB; ++c) {
+        const vec v = vload(vb + j * row + (c0 + c) * P);
+        for (int g = 0; g < GB; ++g) a[g][c] = vfma(w[g], v, a[g][c]);
       }
     }
-    for (int g = 0; g < GB; ++g) {
-      const vec vinv = vbcast(inv + g);
-      for (int c = 0; c < CB; ++c) vstore(out + g * D + (c0 + c) * P, vmul(acc[g][c], vinv));
-    }
+    for (int g = 0; g < GB; ++g)
+      for (int c = 0; c < CB; ++c) vstore(acc + g * D + (c0 + c) * P, a[g][c]);
   }
 }
 
-// One (token, kv head) task with D = NC * P: scores for the G query heads, softmax, weighted values.
-// q: [G, D]; out: [G, D]; scores: G rows of Lp >= L floats.
+// Scratch of one task: score rows, value sums and 1 / sum(w) per (token, query head); scores 64-byte aligned.
+struct Scratch {
+  std::vector<float> buf;
+  float *scores, *acc, *inv;
+  int64_t* offsets;  // start of each (token, head) score row in `scores`
+  std::vector<int64_t> offset_buf;
+  void reserve(int64_t NQ, int64_t G, int64_t D, const int64_t* lens) {
+    offset_buf.resize(NQ * G);
+    int64_t total = 0;
+    for (int64_t i = 0; i < NQ; ++i)
+      for (int64_t g = 0; g < G; ++g) {
+        offset_buf[i * G + g] = total;
+        total += padded(lens[i]);
+      }
+    buf.resize(total + kAlign + NQ * G * (D + 1));
+    scores = buf.data();
+    scores += (kAlign - reinterpret_cast<uintptr_t>(scores) / sizeof(float) % kAlign) % kAlign;
+    acc = scores + total;
+    inv = acc + NQ * G * D;
+    offsets = offset_buf.data();
+    std::fill(acc, acc + NQ * G * D, 0.f);
+  }
+};
+
+// A tile of NQ tokens of one sequence and one kv head, D = NC * P: token i's G query heads (q + i * qs) attend to
+// its first lens[i] cached tokens, lens ascending. Each key and value block is loaded once for the whole tile, and
+// each token's arithmetic is what it would be alone (NQ = 1: a decode).
 template <int NC>
-void attend_vec(const float* q, int64_t G, const float* k_head, const float* v_head, const int64_t* table, int64_t L,
-                int64_t BS, int64_t row, int64_t Lp, float scale, float* scores, float* out) {
+void attend_vec(const float* q, int64_t qs, int64_t NQ, int64_t G, const float* k_head, const float* v_head,
+                const int64_t* table, const int64_t* lens, int64_t BS, int64_t row, float scale, Scratch& sc,
+                float* out) {
   constexpr int64_t D = NC * P;
-  for (int64_t t0 = 0; t0 < L; t0 += BS) {
+  const int64_t Lmax = lens[NQ - 1];
+  for (int64_t t0 = 0; t0 < Lmax; t0 += BS) {
     const float* kb = k_head + table[t0 / BS] * BS * row;
-    const int64_t n = std::min(BS, L - t0);
+    const int64_t n = std::min(BS, Lmax - t0);
     for (int64_t j = 0; j < n; ++j) {
       vec k[NC];
       for (int c = 0; c < NC; ++c) k[c] = vload(kb + j * row + c * P);
-      for (int64_t g = 0; g < G; ++g) {
-        vec a = vmul(vload(q + g * D), k[0]);
-        for (int c = 1; c < NC; ++c) a = vfma(vload(q + g * D + c * P), k[c], a);
-        scores[g * Lp + t0 + j] = vsum(a) * scale;
+      const int64_t pos = t0 + j;
+      for (int64_t i = NQ - 1; i >= 0 && lens[i] > pos; --i) {
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = q + i * qs + g * D;
+          vec a = vmul(vload(qg), k[0]);
+          for (int c = 1; c < NC; ++c) a = vfma(vload(qg + c * P), k[c], a);
+          sc.scores[sc.offsets[i * G + g] + pos] = vsum(a) * scale;
+        }
       }
     }
   }
-  std::array<float, kHeadBlock> inv;
-  for (int64_t g0 = 0; g0 < G; g0 += kHeadBlock) {
-    const int64_t num = std::min<int64_t>(kHeadBlock, G - g0);
-    for (int64_t g = 0; g < num; ++g) inv[g] = softmax_weights(scores + (g0 + g) * Lp, L);
-    const float* sg = scores + g0 * Lp;
-    float* og = out + g0 * D;
-    if (num == 3) weigh_values<NC, 3>(sg, Lp, v_head, table, L, BS, row, inv.data(), og);
-    else if (num == 2) weigh_values<NC, 2>(sg, Lp, v_head, table, L, BS, row, inv.data(), og);
-    else weigh_values<NC, 1>(sg, Lp, v_head, table, L, BS, row, inv.data(), og);
+  for (int64_t r = 0; r < NQ * G; ++r) sc.inv[r] = softmax_weights(sc.scores + sc.offsets[r], lens[r / G]);
+  // Heads of one token sit at consecutive offsets Lp = padded(lens[i]) apart.
+  for (int64_t t0 = 0; t0 < Lmax; t0 += BS) {
+    const float* vb = v_head + table[t0 / BS] * BS * row;
+    for (int64_t i = 0; i < NQ; ++i) {
+      const int64_t n = std::min(BS, lens[i] - t0);
+      if (n <= 0) continue;
+      const int64_t Lp = padded(lens[i]);
+      for (int64_t g0 = 0; g0 < G; g0 += kHeadBlock) {
+        const float* w = sc.scores + sc.offsets[i * G + g0] + t0;
+        float* acc = sc.acc + (i * G + g0) * D;
+        const int64_t num = std::min<int64_t>(kHeadBlock, G - g0);
+        if (num == 3) weigh_block<NC, 3>(w, Lp, vb, n, row, acc);
+        else if (num == 2) weigh_block<NC, 2>(w, Lp, vb, n, row, acc);
+        else weigh_block<NC, 1>(w, Lp, vb, n, row, acc);
+      }
+    }
   }
+  for (int64_t i = 0; i < NQ; ++i)
+    for (int64_t g = 0; g < G; ++g) {
+      const vec vinv = vbcast(sc.inv + i * G + g);
+      for (int c = 0; c < NC; ++c)
+        vstore(out + i * qs + g * D + c * P, vmul(vload(sc.acc + (i * G + g) * D + c * P), vinv));
+    }
 }
 
-using AttendFn = void (*)(const float*, int64_t, const float*, const float*, const int64_t*, int64_t, int64_t,
-                          int64_t, int64_t, float, float*, float*);
+using AttendFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, const float*, const int64_t*,
+                          const int64_t*, int64_t, int64_t, float, Scratch&, float*);
 
 AttendFn attend_for(int64_t D) {
   if (D % P) return nullptr;
@@ -124,27 +171,11 @@ AttendFn attend_for(int64_t D) {
   }
 }
 
-// NOTE: a query's score row starts on a 64-byte boundary and has the same layout whatever else the call holds:
-// the vectorized softmax sum may peel for alignment, and its grouping (so its rounding) must depend on the
-// query's own context length only.
-constexpr int64_t kAlign = 16;  // floats per 64 bytes
-inline int64_t padded(int64_t L) { return (L + kAlign - 1) / kAlign * kAlign; }
-
-// One task: the G query heads `qh` of one token that share kv head h, over its first L cached tokens.
-// `work` must hold G * padded(L) + kAlign floats for the scores and G * D for the portable loop's sums.
-void attend_task(const float* qh, int64_t G, int64_t D, const float* k_head, const float* v_head,
-                 const int64_t* table, int64_t L, int64_t BS, int64_t row, float scale, AttendFn attend,
-                 std::vector<float>& work, float* out) {
+// Portable loop for other head sizes: one token, its G query heads (qh) over its first L cached tokens.
+void attend_portable(const float* qh, int64_t G, int64_t D, const float* k_head, const float* v_head,
+                     const int64_t* table, int64_t L, int64_t BS, int64_t row, float scale, Scratch& sc, float* out) {
+  float* scores = sc.scores;
   const int64_t Lp = padded(L);
-  work.resize(G * Lp + kAlign + G * D);
-  float* scores = work.data();
-  scores += (kAlign - reinterpret_cast<uintptr_t>(scores) / sizeof(float) % kAlign) % kAlign;
-  float* acc = scores + G * Lp;
-  if (attend != nullptr) {
-    attend(qh, G, k_head, v_head, table, L, BS, row, Lp, scale, scores, out);
-    return;
-  }
-  // Pass 1: scaled scores for every token, all G query heads at once.
   for (int64_t t0 = 0; t0 < L; t0 += BS) {
     const float* kb = k_head + table[t0 / BS] * BS * row;
     const int64_t n = std::min(BS, L - t0);
@@ -159,22 +190,35 @@ void attend_task(const float* qh, int64_t G, int64_t D, const float* k_head, con
       }
     }
   }
-  // Pass 2: softmax weights per query head; pass 3: weighted sum of values.
-  std::fill(acc, acc + G * D, 0.f);
   for (int64_t g = 0; g < G; ++g) {
     const float inv = softmax_weights(scores + g * Lp, L);
+    float* ag = sc.acc + g * D;
     for (int64_t t0 = 0; t0 < L; t0 += BS) {
       const float* vb = v_head + table[t0 / BS] * BS * row;
       const int64_t n = std::min(BS, L - t0);
       for (int64_t j = 0; j < n; ++j) {
         const float* vr = vb + j * row;
         const float w = scores[g * Lp + t0 + j];
-        float* ag = acc + g * D;
 #pragma omp simd
         for (int64_t i = 0; i < D; ++i) ag[i] += w * vr[i];
       }
     }
-    for (int64_t i = 0; i < D; ++i) out[g * D + i] = acc[g * D + i] * inv;
+    for (int64_t i = 0; i < D; ++i) out[g * D + i] = ag[i] * inv;
+  }
+}
+
+// NQ tokens of one sequence (token i at q + i * qs, its context lens[i], ascending) and kv head h.
+void attend_tokens(const float* q, int64_t qs, int64_t NQ, int64_t G, int64_t D, const float* k_head,
+                   const float* v_head, const int64_t* table, const int64_t* lens, int64_t BS, int64_t row,
+                   float scale, AttendFn attend, Scratch& sc, float* out) {
+  if (attend != nullptr) {
+    sc.reserve(NQ, G, D, lens);
+    attend(q, qs, NQ, G, k_head, v_head, table, lens, BS, row, scale, sc, out);
+    return;
+  }
+  for (int64_t i = 0; i < NQ; ++i) {
+    sc.reserve(1, G, D, lens + i);
+    attend_portable(q + i * qs, G, D, k_head, v_head, table, lens[i], BS, row, scale, sc, out + i * qs);
   }
 }
 
@@ -210,23 +254,23 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
   const float fscale = static_cast<float>(scale);
   const int64_t row = KV * D;  // floats between consecutive tokens of one block
   const AttendFn attend = attend_for(D);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lens[b] >= 1 && (lens[b] + BS - 1) / BS <= MAXB, "context length does not fit the block table");
   at::parallel_for(0, B * KV, KV, [&](int64_t begin, int64_t end) {
-    std::vector<float> work;
+    Scratch sc;
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / KV, h = idx % KV;
-      const int64_t L = lens[b];
-      TORCH_CHECK(L >= 1 && (L + BS - 1) / BS <= MAXB, "context length does not fit the block table");
-      attend_task(qp + (b * H + h * G) * D, G, D, kp + h * D, vp + h * D, btp + b * MAXB, L, BS, row, fscale,
-                  attend, work, op + (b * H + h * G) * D);
+      attend_tokens(qp + (b * H + h * G) * D, H * D, 1, G, D, kp + h * D, vp + h * D, btp + b * MAXB, lens + b, BS,
+                    row, fscale, attend, sc, op + (b * H + h * G) * D);
     }
   });
   return out;
 }
 
-// A prefill chunk of one sequence: query i sits at position start_pos + i and attends to the cached tokens
-// 0..start_pos + i (this step's keys are already written). Each query runs exactly the decode task above, so a
-// token's attention rounds the same whether it was prefilled whole, in chunks, behind a cached prefix or decoded.
-// q: [N, H, D]; block_table: [NB] int64 covering start_pos + N tokens.
+// A prefill chunk of one sequence: token i sits at position start_pos + i and attends to the cached tokens
+// 0..start_pos + i (this step's keys are already written). Tokens go in tiles of kTileTokens per task, and each
+// token's arithmetic is the decode's, so a token rounds the same whether it was prefilled whole, in chunks,
+// behind a cached prefix or decoded. q: [N, H, D]; block_table: [NB] int64 covering start_pos + N tokens.
 at::Tensor paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_table,
                                       int64_t start_pos, double scale) {
   check_caches(q, k_cache, v_cache);
@@ -247,12 +291,19 @@ at::Tensor paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor 
   const float fscale = static_cast<float>(scale);
   const int64_t row = KV * D;
   const AttendFn attend = attend_for(D);
-  at::parallel_for(0, N * KV, KV, [&](int64_t begin, int64_t end) {
-    std::vector<float> work;
+  std::vector<int64_t> lens(N);
+  for (int64_t i = 0; i < N; ++i) lens[i] = start_pos + i + 1;
+  const int64_t num_tiles = (N + kTileTokens - 1) / kTileTokens;
+  // NOTE: a later tile attends to more keys; taking tiles from both ends in turn gives every thread's
+  // contiguous share of the range about the same work.
+  at::parallel_for(0, num_tiles * KV, 1, [&](int64_t begin, int64_t end) {
+    Scratch sc;
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t i = idx / KV, h = idx % KV;
-      attend_task(qp + (i * H + h * G) * D, G, D, kp + h * D, vp + h * D, table, start_pos + i + 1, BS, row,
-                  fscale, attend, work, op + (i * H + h * G) * D);
+      const int64_t turn = idx / KV, h = idx % KV;
+      const int64_t tile = turn % 2 == 0 ? turn / 2 : num_tiles - 1 - turn / 2;
+      const int64_t i0 = tile * kTileTokens, num = std::min(kTileTokens, N - i0);
+      attend_tokens(qp + (i0 * H + h * G) * D, H * D, num, G, D, kp + h * D, vp + h * D, table, lens.data() + i0,
+                    BS, row, fscale, attend, sc, op + (i0 * H + h * G) * D);
     }
   });
   return out;
