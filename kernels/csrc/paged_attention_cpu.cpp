@@ -1,12 +1,11 @@
 // Paged attention for the CPU, keys and values read in place from the paged cache (no gather copy): decodes (one
-// query token per sequence) and one sequence's prefill chunk. Work is split over (token, kv head) pairs with
-// ATen's thread pool; the query heads that share a kv head are handled together so each key and value row is
-// loaded once, and one token's kv heads run back to back in one task so every cache line of a block is used
-// while it is hot. A token's arithmetic depends only on its own query and context, never on the other tokens of
-// the call, so outputs are batch invariant and a prefilled token rounds as a decoded one does.
+// query token per sequence) and one sequence's prefill chunk. Work goes to ATen's thread pool as (token, kv head)
+// tasks for decodes and (tile of 16 tokens, kv head) tasks for a prefill chunk; the query heads that share a kv
+// head are handled together, and a tile reads each key and value block once for all of its tokens. A token's
+// arithmetic depends only on its own query and context, never on the other tokens of its tile or call, so
+// outputs are batch invariant and a prefilled token rounds exactly as a decoded one does.
 // Head sizes that are a multiple of the vector width (vec.h) up to 16 vectors take a loop written in vectors
-// with the head size fixed at compile time: a key row and each query head's accumulators stay in registers.
-// Other head sizes take the portable loop.
+// with the head size fixed at compile time; other head sizes take the portable loop, one token at a time.
 //
 // paged_decode_attention:
 // q:            [B, H, D]          float32, contiguous
