@@ -16,8 +16,8 @@ prefix, decode) and whatever ran beside it.
 
 Sliding-window (local) layers pass `sliding_window`: a query at position p sees keys p - window < k <= p (as
 transformers' `sliding_window_overlay`). The cache still holds every key; the window is a mask. The compiled CPU
-decode kernel has no window argument, so windowed decodes whose context is longer than the window (and every
-attention with logit softcapping) take the torch path.
+kernel has no window argument, so windowed decodes and prefill chunks whose context is longer than the window
+(and every attention with logit softcapping) take the torch path.
 """
 from __future__ import annotations
 

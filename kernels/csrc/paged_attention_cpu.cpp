@@ -79,15 +79,14 @@ inline void weigh_block(const float* w_rows, int64_t Lp, const float* vb, int64_
 // Scratch of one task: score rows, value sums and 1 / sum(w) per (token, query head); scores 64-byte aligned.
 struct Scratch {
   std::vector<float> buf;
+  std::vector<int64_t> offsets;  // start of each (token, head) score row in `scores`
   float *scores, *acc, *inv;
-  int64_t* offsets;  // start of each (token, head) score row in `scores`
-  std::vector<int64_t> offset_buf;
   void reserve(int64_t NQ, int64_t G, int64_t D, const int64_t* lens) {
-    offset_buf.resize(NQ * G);
+    offsets.resize(NQ * G);
     int64_t total = 0;
     for (int64_t i = 0; i < NQ; ++i)
       for (int64_t g = 0; g < G; ++g) {
-        offset_buf[i * G + g] = total;
+        offsets[i * G + g] = total;
         total += padded(lens[i]);
       }
     buf.resize(total + kAlign + NQ * G * (D + 1));
@@ -95,7 +94,6 @@ struct Scratch {
     scores += (kAlign - reinterpret_cast<uintptr_t>(scores) / sizeof(float) % kAlign) % kAlign;
     acc = scores + total;
     inv = acc + NQ * G * D;
-    offsets = offset_buf.data();
     std::fill(acc, acc + NQ * G * D, 0.f);
   }
 };
