@@ -136,28 +136,67 @@ inline avec dot4_u8(avec acc, wvec w, xvec x) {
 #endif
 }
 
-// Activations -> per block of QK features: xq int8 (round half to even), d = max|x| / 127 and d * sum(xq).
-// The reference (kernels/w4a8_cpu.py: quantize_activations_ref) performs the same roundings.
+// One block of QK activations -> xq int8 (round half to even), d = max|x| / 127 and d * sum(xq). The reference
+// (kernels/w4a8_cpu.py: quantize_activations_ref) performs the same roundings: the vector loops below only
+// reorder the max and the integer sum, which are exact.
+inline void quantize_block(const float* x, int8_t* xq, float* xd, float* xs) {
+#if defined(__AVX512BW__)
+  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+  const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1))) / 127.f;
+  const __m512 id = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, id));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xq), _mm512_cvtepi32_epi8(q0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + 16), _mm512_cvtepi32_epi8(q1));
+  const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#elif defined(__AVX2__)
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float d = _mm_cvtss_f32(m4) / 127.f;
+  const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+  // packs interleave the 128-bit lanes: dwords come out as q0 lo, q1 lo, q2 lo, q3 lo, q0 hi, ...
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+  const int32_t sum = _mm_cvtsi128_si32(s4);
+#else
+  float amax = 0.f;
+  for (int k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float d = amax / 127.f;
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  int32_t sum = 0;
+  for (int k = 0; k < QK; ++k) {
+    const int32_t q = static_cast<int32_t>(std::nearbyint(x[k] * id));
+    xq[k] = static_cast<int8_t>(q);
+    sum += q;
+  }
+#endif
+  *xd = d;
+  *xs = d * static_cast<float>(sum);
+}
+
+// NOTE: a thread's share below this many activations is not worth waking a second OpenMP thread for.
+constexpr int64_t kActivationsPerThread = int64_t{1} << 15;
+
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xs) {
   const int64_t nb = K / QK;
-  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      for (int64_t b = 0; b < nb; ++b) {
-        const float* xb = x + m * K + b * QK;
-        float amax = 0.f;
-        for (int k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(xb[k]));
-        const float d = amax / 127.f;
-        const float id = d > 0.f ? 1.f / d : 0.f;
-        int32_t sum = 0;
-        for (int k = 0; k < QK; ++k) {
-          const int32_t q = static_cast<int32_t>(std::nearbyint(xb[k] * id));
-          xq[m * K + b * QK + k] = static_cast<int8_t>(q);
-          sum += q;
-        }
-        xd[m * nb + b] = d;
-        xs[m * nb + b] = d * static_cast<float>(sum);
-      }
-    }
+  at::parallel_for(0, M, std::max<int64_t>(1, kActivationsPerThread / K), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t b = 0; b < nb; ++b)
+        quantize_block(x + m * K + b * QK, xq + m * K + b * QK, xd + m * nb + b, xs + m * nb + b);
   });
 }
 
@@ -232,7 +271,7 @@ int64_t lane_count() { return L; }
 // x: [M, K] fp32; codes: uint8 [N_pad / L, K / 32, 16L (int4) or 32L (int8)]; scales (mins): fp16 [N_pad / L, K / G, L];
 // n: the real N  ->  [M, n] fp32
 at::Tensor w4a8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, at::Tensor mins, int64_t n,
-                          int64_t group_size, bool int4) {
+                       int64_t group_size, bool int4) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be fp32 [M, K]");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), G = group_size, num_panels = codes.size(0);
