@@ -22,9 +22,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-# -ffast-math lets the exp loop vectorize (glibc's vector math); infinities stay meaningful. -fopenmp makes
-# at::parallel_for parallel: without it the pragma inside it is dropped and the kernel runs on one thread
-# (libgomp.so.1 resolves to the copy torch already loaded, so there is one OpenMP runtime).
+# -ffast-math lets the portable loops' sums vectorize; infinities stay meaningful (the softmax pads its rows with
+# -inf). -fopenmp makes at::parallel_for parallel: without it the pragma inside it is dropped and the kernel runs on
+# one thread (libgomp.so.1 resolves to the copy torch already loaded, so there is one OpenMP runtime).
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
 _LDFLAGS = ["-fopenmp"]
 # clang's compiler proper takes the target as "-target-cpu X" / "-target-feature +avx2" pairs

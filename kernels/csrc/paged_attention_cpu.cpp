@@ -6,6 +6,9 @@
 // outputs are batch invariant and a prefilled token rounds exactly as a decoded one does.
 // Head sizes that are a multiple of the vector width (vec.h) up to 16 vectors take a loop written in vectors
 // with the head size fixed at compile time; other head sizes take the portable loop, one token at a time.
+// The vector loop scores P keys at once (each key's products in a vector of their own, the P vectors' lanes
+// added by one tree per key: vec.h's vsum_lanes), takes its softmax weights from a vector exp (vec.h's vexp,
+// within 2 ulp) and prefetches each head's next block of keys and values, which the pool scatters.
 //
 // paged_decode_attention:
 // q:            [B, H, D]          float32, contiguous
@@ -28,24 +31,37 @@
 
 namespace {
 
-// Scores -> unnormalized softmax weights in place; returns 1 / their sum.
-float softmax_weights(float* s, int64_t L) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < L; ++t) m = std::max(m, s[t]);
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t t = 0; t < L; ++t) {
-    s[t] = std::exp(s[t] - m);
-    sum += s[t];
-  }
-  return 1.f / sum;
-}
-
 // NOTE: every score row starts on a 64-byte boundary and is as long as its own context (padded): the vectorized
 // softmax sum may peel for alignment, and its grouping (so its rounding) must depend on the token's own context
 // length only, never on the rest of its tile or call.
 constexpr int64_t kAlign = 16;  // floats per 64 bytes
 inline int64_t padded(int64_t L) { return (L + kAlign - 1) / kAlign * kAlign; }
+
+// Scores -> unnormalized softmax weights in place; returns 1 / their sum. The row is read to its padded length
+// (the padding is set to -inf here, whose weight is 0), so every sum adds P lanes at a time in one order that
+// depends on L alone.
+float softmax_weights(float* s, int64_t L) {
+  const int64_t Lp = padded(L);
+  std::fill(s + L, s + Lp, -std::numeric_limits<float>::infinity());
+  vec vm = vload(s);
+  for (int64_t t = P; t < Lp; t += P) vm = vmax(vm, vload(s + t));
+  const float m = vmaxall(vm);
+  const vec mv = vbcast(&m);
+  vec sum = vzero();
+  for (int64_t t = 0; t < Lp; t += P) {
+    const vec w = vexp(vsub(vload(s + t), mv));
+    vstore(s + t, w);
+    sum = vadd(sum, w);
+  }
+  return 1.f / vsum(sum);
+}
+
+// The next block of a head's keys or values: blocks are scattered through the pool, so the hardware prefetcher,
+// which follows the rows within a block, cannot see where the next one starts.
+inline void prefetch_rows(const float* p, int64_t n, int64_t row, int64_t D) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(p + j * row + d);
+}
 
 constexpr int kHeadBlock = 3;  // query heads weighed together
 constexpr int kColumnVectors = P == 16 ? 4 : 2;  // GB x CB accumulators: 12 of 32 registers, 6 of 16
@@ -107,19 +123,37 @@ void attend_vec(const float* q, int64_t qs, int64_t NQ, int64_t G, const float* 
                 float* out) {
   constexpr int64_t D = NC * P;
   const int64_t Lmax = lens[NQ - 1];
+  const vec vscale = vbcast(&scale);
+  // Scores P keys at a time: each key's products go into a vector of its own, and vsum_lanes adds each vector's
+  // lanes by a tree of its own, so a score depends on its query and key alone, never on its neighbours.
   for (int64_t t0 = 0; t0 < Lmax; t0 += BS) {
     const float* kb = k_head + table[t0 / BS] * BS * row;
     const int64_t n = std::min(BS, Lmax - t0);
-    for (int64_t j = 0; j < n; ++j) {
-      vec k[NC];
-      for (int c = 0; c < NC; ++c) k[c] = vload(kb + j * row + c * P);
-      const int64_t pos = t0 + j;
-      for (int64_t i = NQ - 1; i >= 0 && lens[i] > pos; --i) {
+    if (t0 + BS < Lmax) prefetch_rows(k_head + table[t0 / BS + 1] * BS * row, std::min(BS, Lmax - t0 - BS), row, D);
+    for (int64_t j0 = 0; j0 < n; j0 += P) {
+      const int64_t pos0 = t0 + j0, cnt = std::min<int64_t>(P, n - j0);
+      for (int64_t i = NQ - 1; i >= 0 && lens[i] > pos0; --i) {
+        const int64_t valid = std::min(cnt, lens[i] - pos0);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = q + i * qs + g * D;
-          vec a = vmul(vload(qg), k[0]);
-          for (int c = 1; c < NC; ++c) a = vfma(vload(qg + c * P), k[c], a);
-          sc.scores[sc.offsets[i * G + g] + pos] = vsum(a) * scale;
+          vec a[P];
+#pragma GCC unroll 16
+          for (int j = 0; j < P; ++j) {
+            // past the block's last key: reread it (in bounds); that lane's score is dropped
+            const float* kr = kb + std::min<int64_t>(j0 + j, n - 1) * row;
+            a[j] = vmul(vload(qg), vload(kr));
+#pragma GCC unroll 16
+            for (int c = 1; c < NC; ++c) a[j] = vfma(vload(qg + c * P), vload(kr + c * P), a[j]);
+          }
+          const vec s = vmul(vsum_lanes(a), vscale);
+          float* dst = sc.scores + sc.offsets[i * G + g] + pos0;
+          if (valid == P) {
+            vstore(dst, s);
+          } else {
+            alignas(64) float tmp[P];
+            vstore(tmp, s);
+            std::copy(tmp, tmp + valid, dst);
+          }
         }
       }
     }
@@ -128,6 +162,7 @@ void attend_vec(const float* q, int64_t qs, int64_t NQ, int64_t G, const float* 
   // Heads of one token sit at consecutive offsets Lp = padded(lens[i]) apart.
   for (int64_t t0 = 0; t0 < Lmax; t0 += BS) {
     const float* vb = v_head + table[t0 / BS] * BS * row;
+    if (t0 + BS < Lmax) prefetch_rows(v_head + table[t0 / BS + 1] * BS * row, std::min(BS, Lmax - t0 - BS), row, D);
     for (int64_t i = 0; i < NQ; ++i) {
       const int64_t n = std::min(BS, lens[i] - t0);
       if (n <= 0) continue;
