@@ -34,7 +34,7 @@ _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "w4a8_cpu.cpp")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 _LDFLAGS = ["-fopenmp"]
 _extension = LazyExtension("frugal_w4a8_cpu", [_SOURCE], _CFLAGS, _LDFLAGS, fallback="fp32-activation kernel",
-                           headers=())
+                           headers=("spin_pool.h",))
 
 
 def w4a8_kernels():

@@ -23,6 +23,8 @@
 #include <cstring>
 #include <utility>
 #include <vector>
+
+#include "spin_pool.h"
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -263,6 +265,9 @@ constexpr auto kPanel = panel_table(std::make_integer_sequence<int, MR>{});  // 
 
 // NOTE: a thread's share below this many weights is not worth waking a second OpenMP thread for.
 constexpr int64_t kWeightsPerThread = int64_t{1} << 17;
+// Calls of up to MR rows read each weight once and are bound by memory: their panels go to the spin pool in
+// chunks of about this many weights (a microsecond or two each), so a late helper delays the caller little.
+constexpr int64_t kWeightsPerChunk = int64_t{1} << 15;
 
 }  // namespace
 
@@ -297,8 +302,7 @@ at::Tensor w4a8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, at::Te
   const at::Half* mp = int4 ? mins.data_ptr<at::Half>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t c_stride = nb * block_bytes, s_stride = K / G * L;
-  const int64_t grain = std::max<int64_t>(1, kWeightsPerThread / (K * L));
-  at::parallel_for(0, num_panels, grain, [&](int64_t begin, int64_t end) {
+  auto panels = [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const Panel panel{cp + p * c_stride, sp + p * s_stride, int4 ? mp + p * s_stride : nullptr};
       const int64_t cols = std::min<int64_t>(L, n - p * L);
@@ -308,7 +312,16 @@ at::Tensor w4a8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, at::Te
                          yp + m0 * n + p * L, n, cols);
       }
     }
-  });
+  };
+  if (M <= MR) {
+    const int64_t per_chunk = std::max<int64_t>(1, kWeightsPerChunk / (K * L));
+    const int64_t num_chunks = (num_panels + per_chunk - 1) / per_chunk;
+    spin_pool(at::get_num_threads()).run(num_chunks, [&](int64_t c) {
+      panels(c * per_chunk, std::min(num_panels, (c + 1) * per_chunk));
+    });
+  } else {
+    at::parallel_for(0, num_panels, std::max<int64_t>(1, kWeightsPerThread / (K * L)), panels);
+  }
   return y;
 }
 
