@@ -342,6 +342,8 @@ at::Tensor paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
-  m.def("paged_prefill_attention", &paged_prefill_attention, "one sequence's prefill chunk over the paged cache (CPU)");
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("paged_prefill_attention", &paged_prefill_attention, "one sequence's prefill chunk over the paged cache (CPU)",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -327,5 +327,6 @@ at::Tensor w4a8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, at::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lane_count", &lane_count, "output features per panel (the vector width this build uses)");
-  m.def("w4a8_linear", &w4a8_linear, "quantized linear with int8 activations over the block-lane layout");
+  m.def("w4a8_linear", &w4a8_linear, "quantized linear with int8 activations over the block-lane layout",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -280,7 +280,9 @@ at::Tensor dequant_panels_t(at::Tensor qweight, at::Tensor scales, at::Tensor mi
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dequant_panels_t", &dequant_panels_t, "panels -> fp32 w^T [K, N_pad]");
+  m.def("dequant_panels_t", &dequant_panels_t, "panels -> fp32 w^T [K, N_pad]",
+        py::call_guard<py::gil_scoped_release>());
   m.def("panel_width", &panel_width, "output features per panel (the vector width this build uses)");
-  m.def("panel_linear", &panel_linear, "weight-only quantized linear over the panel layout, fp32 activations");
+  m.def("panel_linear", &panel_linear, "weight-only quantized linear over the panel layout, fp32 activations",
+        py::call_guard<py::gil_scoped_release>());
 }
