@@ -58,6 +58,22 @@ def test_rotary_in_place_is_exact(num_heads, num_kv_heads, head_dim):
         rope.rotate_qkv_(torch.full((num_tokens,), 300), qkv, num_heads, num_kv_heads)
 
 
+@pytest.mark.parametrize("num_tokens,intermediate", [(1, 1536), (5, 37), (64, 96)])
+def test_silu_mul_matches_torch(built_ops, num_tokens, intermediate):
+    torch.manual_seed(0)
+    gate_up = torch.randn(num_tokens, 2 * intermediate) * 4
+    gate_up[0, :4] = torch.tensor([-200.0, -88.0, 0.0, 120.0])  # past both ends of the exponential's range
+    gate, up = gate_up.split(intermediate, dim=-1)
+    out = built_ops.silu_mul(gate_up)
+    ref = torch.nn.functional.silu(gate) * up
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-30)
+    # a row's result does not depend on the rest of the call
+    assert torch.equal(built_ops.silu_mul(gate_up[-1:]), out[-1:])
+    with pytest.raises(RuntimeError, match="even number of columns"):
+        built_ops.silu_mul(torch.randn(2, 5))
+
+
 @needs_ops
 def test_kv_write_matches_index_copy(monkeypatch):
     torch.manual_seed(0)

@@ -16,8 +16,9 @@ namespace {
 
 // e^x = 2^n * e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2 in two parts, so r is exact), e^r by a
 // degree-6 polynomial on [-ln 2 / 2, ln 2 / 2] (Cephes' expf: within 2 ulp). Below kExpMin the result would not be
-// a normal float; the callers return 0 there (softmax weights of e^-87 and less do not count).
-constexpr float kExpMin = -87.33f;
+// a normal float; the callers return 0 there (softmax weights of e^-87 and less do not count). Above kExpMax the
+// input is taken as kExpMax (e^88.7 is near the largest float), so no exponent overflows.
+constexpr float kExpMin = -87.33f, kExpMax = 88.7f;
 constexpr float kExpC1 = 0.693359375f, kExpC2 = -2.12194440e-4f;
 constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
                             1.6666665459e-1f, 5.0000001201e-1f};
@@ -39,6 +40,7 @@ inline vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
 inline vec vhalf(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
@@ -62,8 +64,9 @@ inline vec vexp_poly(vec x, vec n) {
   for (int i = 1; i < 6; ++i) p = vfma(p, r, _mm512_set1_ps(kExpP[i]));
   return vadd(vfma(vmul(p, r), r, r), _mm512_set1_ps(1.f));
 }
-// e^x: the polynomial scaled by 2^n through the exponent field; 0 below kExpMin
+// e^x: the polynomial scaled by 2^n through the exponent field; 0 below kExpMin, saturated above kExpMax
 inline vec vexp(vec x) {
+  x = _mm512_min_ps(x, _mm512_set1_ps(kExpMax));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 p = vexp_poly(x, n);
@@ -96,6 +99,7 @@ inline vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
 inline vec vhalf(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -128,6 +132,7 @@ inline vec vexp_poly(vec x, vec n) {
   return vadd(vfma(vmul(p, r), r, r), _mm256_set1_ps(1.f));
 }
 inline vec vexp(vec x) {
+  x = _mm256_min_ps(x, _mm256_set1_ps(kExpMax));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 p = vexp_poly(x, n);
@@ -211,6 +216,7 @@ inline vec vsum_lanes(const vec (&a)[P]) {
   return r;
 }
 FRUGAL_VEC_OP2(vsub, a.v[i] - b.v[i])
+FRUGAL_VEC_OP2(vdiv, a.v[i] / b.v[i])
 FRUGAL_VEC_OP2(vmax, a.v[i] > b.v[i] ? a.v[i] : b.v[i])
 inline float vmaxall(vec v) {
   float m = v.v[0];
@@ -220,8 +226,9 @@ inline float vmaxall(vec v) {
 inline vec vexp(vec x) {
   vec r;
   for (int i = 0; i < P; ++i) {
-    const float n = std::nearbyint(x.v[i] * 1.44269504088896341f);
-    r.v[i] = x.v[i] < kExpMin ? 0.f : vexp_poly1(x.v[i], n) * std::ldexp(1.f, static_cast<int>(n));
+    const float xi = std::min(x.v[i], kExpMax);
+    const float ni = std::nearbyint(xi * 1.44269504088896341f);
+    r.v[i] = xi < kExpMin ? 0.f : vexp_poly1(xi, ni) * std::ldexp(1.f, static_cast<int>(ni));
   }
   return r;
 }

@@ -110,7 +110,11 @@ class MLP(nn.Module):
     act = staticmethod(F.silu)  # SwiGLU; subclasses swap the activation only (Gemma: GeGLU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        ops = fused_ops(gate_up)
+        if ops is not None and gate_up.dim() == 2 and self.act is F.silu:
+            return self.down_proj(ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
