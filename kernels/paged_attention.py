@@ -80,12 +80,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     num_decodes = meta.num_decode_tokens
     if num_decodes and softcap is None and _use_cpu_kernel(q, k_cache) and \
             (sliding_window is None or int(meta.decode_context_lens.max()) <= sliding_window):
-        out[:num_decodes] = cpu_kernels().paged_decode_attention(
-            q[:num_decodes], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+        # NOTE: the kernel reads q in place (a view of the fused qkv) and writes straight into `out`
+        cpu_kernels().paged_decode_attention(q[:num_decodes], k_cache, v_cache, meta.decode_block_tables,
+                                             meta.decode_context_lens, scale, out[:num_decodes])
     elif num_decodes:
         mask = _decode_mask(meta, sliding_window, q.device)
         # [B, H, d] -> [B, kv, group, d]: a KV head's query heads become its "query positions".
@@ -102,8 +103,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             # NOTE: not SDPA: its blocking depends on the chunk's length, so a token would round differently when
             # prefilled whole, in chunks, behind a cached prefix or beside other work, and int8 activations turn
             # such last-bit differences into different tokens. The kernel runs each query as a decode.
-            out[s:e] = cpu_kernels().paged_prefill_attention(q[s:e], k_cache, v_cache, chunk.block_table,
-                                                             chunk.start_pos, scale)
+            cpu_kernels().paged_prefill_attention(q[s:e], k_cache, v_cache, chunk.block_table, chunk.start_pos,
+                                                  scale, out[s:e])
             continue
         q_c = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
         if chunk.start_pos == 0 and not windowed and softcap is None:

@@ -116,6 +116,29 @@ def test_prefill_kernel_rounds_as_decode(num_heads, num_kv_heads, head_dim, bloc
     assert torch.equal(decoded, whole)
 
 
+def test_kernels_read_and_write_strided_rows():
+    """q as the model passes it (a view of the fused qkv rows) and `out` given: the same bits as contiguous
+    tensors, written in place, and nothing beside the rows touched."""
+    require(_paged_attention)
+    n, num_heads, num_kv_heads, head_dim = 21, 9, 3, 64
+    q, k, v, k_cache, v_cache, tables = _case(5, num_heads, num_kv_heads, head_dim, 16, [(0, n)])
+    write_kv(k, v, k_cache, v_cache, _meta([(0, n)], tables, 16).slot_mapping)
+    qkv = torch.cat([q.flatten(1), torch.randn(n, 2 * num_kv_heads * head_dim)], dim=1)
+    q_view = qkv[:, :num_heads * head_dim].view(n, num_heads, head_dim)
+    table, ext = torch.tensor(tables[0]), cpu_kernels()
+    padded = torch.full((n, num_heads * head_dim + 7), 7.0)
+    out = padded[:, :num_heads * head_dim].view(n, num_heads, head_dim)
+    assert ext.paged_prefill_attention(q_view, k_cache, v_cache, table, 0, 0.125, out) is not None
+    assert torch.equal(out, ext.paged_prefill_attention(q, k_cache, v_cache, table, 0, 0.125))
+    assert (padded[:, num_heads * head_dim:] == 7.0).all()
+    tables_b, lens = table.expand(n, -1).contiguous(), torch.arange(1, n + 1)
+    out_d = torch.empty(n, num_heads, head_dim)
+    ext.paged_decode_attention(q_view, k_cache, v_cache, tables_b, lens, 0.125, out_d)
+    assert torch.equal(out_d, ext.paged_decode_attention(q, k_cache, v_cache, tables_b, lens, 0.125))
+    with pytest.raises(RuntimeError, match="out must be fp32 like q"):
+        ext.paged_decode_attention(q, k_cache, v_cache, tables_b, lens, 0.125, torch.empty(n, num_heads, 1))
+
+
 def test_prefill_kernel_rejects_a_chunk_past_its_block_table():
     require(_paged_attention)
     q, _, _, k_cache, v_cache, tables = _case(4, 4, 2, 16, 4, [(0, 8)])

@@ -11,10 +11,11 @@
 // within 2 ulp) and prefetches each head's next block of keys and values, which the pool scatters.
 //
 // paged_decode_attention:
-// q:            [B, H, D]          float32, contiguous
+// q:            [B, H, D]          float32, any row stride, each token's heads end to end (a view of fused qkv)
 // k_cache:      [NB, BS, KV, D]    float32, contiguous (v_cache alike)
 // block_tables: [B, MAXB]          int64
 // context_lens: [B]                int64, tokens each sequence attends to (its new token included)
+// out:          [B, H, D]          float32, optional, laid out as q may be; written and returned
 // returns       [B, H, D]          float32
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
@@ -114,13 +115,14 @@ struct Scratch {
   }
 };
 
-// A tile of NQ tokens of one sequence and one kv head, D = NC * P: token i's G query heads (q + i * qs) attend to
+// A tile of NQ tokens of one sequence and one kv head, D = NC * P: token i's G query heads (q + i * qs, written to
+// out + i * os) attend to
 // its first lens[i] cached tokens, lens ascending. Each key and value block is loaded once for the whole tile, and
 // each token's arithmetic is what it would be alone (NQ = 1: a decode).
 template <int NC>
 void attend_vec(const float* q, int64_t qs, int64_t NQ, int64_t G, const float* k_head, const float* v_head,
                 const int64_t* table, const int64_t* lens, int64_t BS, int64_t row, float scale, Scratch& sc,
-                float* out) {
+                float* out, int64_t os) {
   constexpr int64_t D = NC * P;
   const int64_t Lmax = lens[NQ - 1];
   const vec vscale = vbcast(&scale);
@@ -181,12 +183,12 @@ void attend_vec(const float* q, int64_t qs, int64_t NQ, int64_t G, const float* 
     for (int64_t g = 0; g < G; ++g) {
       const vec vinv = vbcast(sc.inv + i * G + g);
       for (int c = 0; c < NC; ++c)
-        vstore(out + i * qs + g * D + c * P, vmul(vload(sc.acc + (i * G + g) * D + c * P), vinv));
+        vstore(out + i * os + g * D + c * P, vmul(vload(sc.acc + (i * G + g) * D + c * P), vinv));
     }
 }
 
 using AttendFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, const float*, const int64_t*,
-                          const int64_t*, int64_t, int64_t, float, Scratch&, float*);
+                          const int64_t*, int64_t, int64_t, float, Scratch&, float*, int64_t);
 
 AttendFn attend_for(int64_t D) {
   if (D % P) return nullptr;
@@ -239,18 +241,19 @@ void attend_portable(const float* qh, int64_t G, int64_t D, const float* k_head,
   }
 }
 
-// NQ tokens of one sequence (token i at q + i * qs, its context lens[i], ascending) and kv head h.
+// NQ tokens of one sequence (token i at q + i * qs, its context lens[i], ascending; its output at out + i * os)
+// and kv head h.
 void attend_tokens(const float* q, int64_t qs, int64_t NQ, int64_t G, int64_t D, const float* k_head,
                    const float* v_head, const int64_t* table, const int64_t* lens, int64_t BS, int64_t row,
-                   float scale, AttendFn attend, Scratch& sc, float* out) {
+                   float scale, AttendFn attend, Scratch& sc, float* out, int64_t os) {
   if (attend != nullptr) {
     sc.reserve(NQ, G, D, lens);
-    attend(q, qs, NQ, G, k_head, v_head, table, lens, BS, row, scale, sc, out);
+    attend(q, qs, NQ, G, k_head, v_head, table, lens, BS, row, scale, sc, out, os);
     return;
   }
   for (int64_t i = 0; i < NQ; ++i) {
     sc.reserve(1, G, D, lens + i);
-    attend_portable(q + i * qs, G, D, k_head, v_head, table, lens[i], BS, row, scale, sc, out + i * qs);
+    attend_portable(q + i * qs, G, D, k_head, v_head, table, lens[i], BS, row, scale, sc, out + i * os);
   }
 }
 
@@ -262,21 +265,32 @@ void check_caches(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   TORCH_CHECK(k_cache.size(3) == q.size(2) && q.size(1) % k_cache.size(2) == 0, "head shapes do not match");
 }
 
+// q (and out) may be views with a row stride of their own (a slice of the fused qkv projection), but each token's
+// heads must lie end to end. Returns `out` when given (checked), else a new tensor.
+at::Tensor rows_of_heads(at::Tensor& q, const c10::optional<at::Tensor>& out) {
+  if (q.stride(2) != 1 || q.stride(1) != q.size(2)) q = q.contiguous();
+  if (!out.has_value()) return at::empty(q.sizes(), q.options());
+  TORCH_CHECK(out->sizes() == q.sizes() && out->scalar_type() == at::kFloat && out->stride(2) == 1 &&
+                  out->stride(1) == q.size(2), "out must be fp32 like q, each token's heads end to end");
+  return *out;
+}
+
 }  // namespace
 
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
-                                     at::Tensor block_tables, at::Tensor context_lens, double scale) {
+                                  at::Tensor block_tables, at::Tensor context_lens, double scale,
+                                  c10::optional<at::Tensor> out_arg) {
   check_caches(q, k_cache, v_cache);
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "int64 block tables and lengths");
-  q = q.contiguous();
+  auto out = rows_of_heads(q, out_arg);
   block_tables = block_tables.contiguous();
   context_lens = context_lens.contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t BS = k_cache.size(1), KV = k_cache.size(2);
   TORCH_CHECK(block_tables.size(0) == B && context_lens.size(0) == B, "batch sizes do not match");
   const int64_t G = H / KV, MAXB = block_tables.size(1);
-  auto out = at::empty_like(q);
+  const int64_t qs = q.stride(0), os = out.stride(0);
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
@@ -292,8 +306,8 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
     Scratch sc;
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / KV, h = idx % KV;
-      attend_tokens(qp + (b * H + h * G) * D, H * D, 1, G, D, kp + h * D, vp + h * D, btp + b * MAXB, lens + b, BS,
-                    row, fscale, attend, sc, op + (b * H + h * G) * D);
+      attend_tokens(qp + b * qs + h * G * D, qs, 1, G, D, kp + h * D, vp + h * D, btp + b * MAXB, lens + b, BS,
+                    row, fscale, attend, sc, op + b * os + h * G * D, os);
     }
   });
   return out;
@@ -304,17 +318,16 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
 // token's arithmetic is the decode's, so a token rounds the same whether it was prefilled whole, in chunks,
 // behind a cached prefix or decoded. q: [N, H, D]; block_table: [NB] int64 covering start_pos + N tokens.
 at::Tensor paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_table,
-                                      int64_t start_pos, double scale) {
+                                   int64_t start_pos, double scale, c10::optional<at::Tensor> out_arg) {
   check_caches(q, k_cache, v_cache);
   TORCH_CHECK(block_table.dim() == 1 && block_table.scalar_type() == at::kLong, "int64 block table [NB]");
-  q = q.contiguous();
+  auto out = rows_of_heads(q, out_arg);
   block_table = block_table.contiguous();
   const int64_t N = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t BS = k_cache.size(1), KV = k_cache.size(2);
   TORCH_CHECK(start_pos >= 0 && (start_pos + N + BS - 1) / BS <= block_table.size(0),
               "the chunk does not fit the block table");
-  const int64_t G = H / KV;
-  auto out = at::empty_like(q);
+  const int64_t G = H / KV, qs = q.stride(0), os = out.stride(0);
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
@@ -334,16 +347,18 @@ at::Tensor paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor 
       const int64_t turn = idx / KV, h = idx % KV;
       const int64_t tile = turn % 2 == 0 ? turn / 2 : num_tiles - 1 - turn / 2;
       const int64_t i0 = tile * kTileTokens, num = std::min(kTileTokens, N - i0);
-      attend_tokens(qp + (i0 * H + h * G) * D, H * D, num, G, D, kp + h * D, vp + h * D, table, lens.data() + i0,
-                    BS, row, fscale, attend, sc, op + (i0 * H + h * G) * D);
+      attend_tokens(qp + i0 * qs + h * G * D, qs, num, G, D, kp + h * D, vp + h * D, table, lens.data() + i0,
+                    BS, row, fscale, attend, sc, op + i0 * os + h * G * D, os);
     }
   });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)",
-        py::call_guard<py::gil_scoped_release>());
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)", py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
+        py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("paged_prefill_attention", &paged_prefill_attention, "one sequence's prefill chunk over the paged cache (CPU)",
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("start_pos"),
+        py::arg("scale"), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
 }
