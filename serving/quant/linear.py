@@ -100,6 +100,7 @@ class QuantLinear(nn.Module):
         self.packed = None  # fbgemm's prepacked int8 weight
         self.int4pack: tuple[torch.Tensor, torch.Tensor] | None = None  # torch int4 layout, [K/G, N, 2] bf16
         getattr(self, f"_prepare_{self.path}")(qw.to(device))
+        self._mm = getattr(self, f"_mm_{self.path}")  # the path's matmul, looked up once
 
     # -- preparation (once, at load) --------------------------------------------------------------------
     def _prepare_dequant(self, qw: QuantizedWeight) -> None:
@@ -141,11 +142,16 @@ class QuantLinear(nn.Module):
         self.qw = self.panels = self.lanes = self.packed = self.int4pack = None
         self.path = choose_path(qw, self.device, cpu_path)
         getattr(self, f"_prepare_{self.path}")(qw)
+        self._mm = getattr(self, f"_mm_{self.path}")
 
     # -- forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        matmul = self._mm
+        if x.dim() == 2 and self.bias is None:  # the decoder's case: no reshapes, no bias
+            y = matmul(x)
+            return y if y.dtype == self.dtype else y.to(self.dtype)
         shape = x.shape
-        y = getattr(self, f"_mm_{self.path}")(x.reshape(-1, self.in_features))
+        y = matmul(x.reshape(-1, self.in_features))
         y = y.to(self.dtype) if self.bias is None else y.to(self.dtype) + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
