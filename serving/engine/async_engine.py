@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 _IDLE_RETRY_S = 0.005
 
 
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
 class EngineDeadError(RuntimeError):
     """The engine has stopped or was declared dead; no request can be served."""
 
@@ -229,7 +234,8 @@ class AsyncLLM:
         except Exception:  # an accounting bug must not take the engine loop down
             logger.exception("on_done callback for %s failed", done.req_id)
 
-    def _deliver(self, out: RequestOutput) -> None:
+    def _take(self, out: RequestOutput) -> _Stream | None:
+        """The stream `out` goes to (None: nobody listens); a final output also ends the request's bookkeeping."""
         callback = None
         with self._streams_lock:
             stream = self._streams.get(out.req_id)
@@ -239,8 +245,26 @@ class AsyncLLM:
         # NOTE: the accounting hears of the end before the consumer does, so a settlement is never behind it.
         if callback is not None:
             self._call(callback, EngineDone(out.req_id, accepted=True, output=out))
+        return stream
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._take(out)
         if stream is not None:
             self._put(stream, out)
+
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, one wake-up per consumer loop instead of one per request: each wake-up writes to the
+        loop's self-pipe, and every such syscall lets the event loop take the GIL from the engine thread."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._take(out)
+            if stream is not None:
+                batches.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the consumers' loop is closed
+                pass
 
     def _run_commands(self) -> None:
         while True:
@@ -346,5 +370,4 @@ class AsyncLLM:
                 self._wakeup.clear()
             if self._dead is not None:
                 return  # declared dead during the step: its outputs have nowhere to go
-            for out in outputs:
-                self._deliver(out)
+            self._deliver_step(outputs)
