@@ -4,7 +4,7 @@
 // head are handled together, and a tile reads each key and value block once for all of its tokens. A token's
 // arithmetic depends only on its own query and context, never on the other tokens of its tile or call, so
 // outputs are batch invariant and a prefilled token rounds exactly as a decoded one does.
-// Head sizes that are a multiple of the vector width (vec.h) up to 16 vectors take a loop written in vectors
+// Head sizes of 1-6, 8, 10, 12, 16 or 32 vectors (vec.h's width) take a loop written in vectors
 // with the head size fixed at compile time; other head sizes take the portable loop, one token at a time.
 // The vector loop scores P keys at once (each key's products in a vector of their own, the P vectors' lanes
 // added by one tree per key: vec.h's vsum_lanes), takes its softmax weights from a vector exp (vec.h's vexp,
@@ -200,7 +200,10 @@ AttendFn attend_for(int64_t D) {
     case 5: return &attend_vec<5>;
     case 6: return &attend_vec<6>;
     case 8: return &attend_vec<8>;
+    case 10: return &attend_vec<10>;  // head size 80 with AVX2
+    case 12: return &attend_vec<12>;  // 96 with AVX2
     case 16: return &attend_vec<16>;
+    case 32: return &attend_vec<32>;  // 256 (Gemma 3) with AVX2
     default: return nullptr;
   }
 }
