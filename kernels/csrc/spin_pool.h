@@ -62,9 +62,9 @@ class SpinPool {
       wakeup_.notify_all();
     }
     work(job);
-    while (job.num_done.load() < num_chunks) cpu_relax();  // only chunks a helper has claimed are left
+    wait_until([&] { return job.num_done.load() == num_chunks; });  // only chunks a helper claimed are left
     job_.store(nullptr);
-    while (num_inside_.load() > 0) cpu_relax();  // no helper may still hold a pointer to `job`
+    wait_until([&] { return num_inside_.load() == 0; });  // no helper may still hold a pointer to `job`
   }
 
  private:
@@ -74,6 +74,16 @@ class SpinPool {
     std::atomic<int64_t> next{0};  // next unclaimed chunk
     std::atomic<int64_t> num_done{0};  // chunks that have run
   };
+
+  // NOTE: a short spin (a claimed chunk takes a microsecond or two), then yield: a helper that was preempted
+  // mid-chunk may be waiting for this very core, and spinning on it would keep it out for a whole time slice.
+  template <typename Pred>
+  static void wait_until(Pred done) {
+    for (int polls = 0; !done(); ++polls) {
+      if (polls < 512) cpu_relax();
+      else std::this_thread::yield();
+    }
+  }
 
   static void work(Job& job) {
     for (int64_t c = job.next.fetch_add(1); c < job.num_chunks; c = job.next.fetch_add(1)) {
