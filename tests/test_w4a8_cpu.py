@@ -1,5 +1,10 @@
 """The W4A8 / W8A8 CPU kernel (int8 activations, integer dot products) against its torch reference, on every
 vector width its source carries, and the block-lane layout as a permutation of the packed bytes."""
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -121,3 +126,35 @@ def test_quant_linear_takes_w4a8_where_the_layout_fits():
         pack_w4a8(odd.qweight, odd.scales, None, odd.group_size, odd.shape)
     with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
         w4a8_linear(torch.randn(2, 32), layer.lanes)
+
+
+def test_small_calls_from_many_threads_and_after_a_fork():
+    """Calls of up to 6 rows run on the kernel's spin pool and release the GIL: calls from several threads at once
+    (one gets the pool, the others run on their own thread) and calls in a forked child (which has none of the
+    parent's helper threads) return, with the bits a lone call gives."""
+    require(_extension)
+    torch.manual_seed(2)
+    qw = quantize(torch.randn(300, 576), "int4-g32")
+    weight = pack_w4a8(qw.qweight, qw.scales, qw.mins, qw.group_size, qw.shape)
+    xs = [torch.randn(m, 576) for m in (1, 2, 3, 6)]
+    expected = [w4a8_linear(x, weight) for x in xs]
+
+    def agrees(_) -> bool:
+        return all(torch.equal(w4a8_linear(x, weight), e) for _ in range(40) for x, e in zip(xs, expected))
+
+    with ThreadPoolExecutor(4) as threads:
+        assert all(threads.map(agrees, range(4)))
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 when it agrees; it never returns into pytest
+        try:
+            os._exit(0 if agrees(0) else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 120
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("a small call in a forked child did not return (its spin pool waited on the parent's helpers)")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
