@@ -11,7 +11,8 @@
 //
 // Each panel of L outputs is read once per call: for a block of up to MR activation rows the weight codes are
 // loaded and unpacked once and multiplied into every row of the block. A row's arithmetic does not depend on the
-// other rows of the call, so results are batch invariant.
+// other rows of the call, so results are batch invariant. Calls of up to MR rows (decode at small batch) read
+// each weight once and are bound by memory; they run on spin_pool.h's threads instead of an OpenMP region.
 // L is 16 with AVX-512BW (VNNI when the build has it), 8 with AVX2 (AVX-VNNI when present), 8 in a portable loop.
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
