@@ -8,6 +8,8 @@ kernels on an AVX-512 host.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -15,6 +17,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import threading
 
 import torch
@@ -106,6 +109,39 @@ def _build_error(e: Exception) -> str:
     return "; ".join([head[:300], *errors])
 
 
+def build_root() -> str:
+    """Where the CPU extensions are built and cached: $TORCH_EXTENSIONS_DIR, else torch's default root with a
+    folder per Python version (these builds never use CUDA, so the folder says cpu on every torch build)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return root
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.path.join(get_default_build_root(),
+                        f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_cpu")
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: str):
+    """Holds the build folder for this process while it builds or loads the extension there.
+
+    torch guards a build with a plain file ("lock") that only the builder removes: a process killed mid-build
+    (Ctrl-C on a first start, a pod evicted, a test run cut short) leaves it behind, and every later start then
+    waits on it for ever. This lock is an flock(2), which the kernel drops when its holder dies; whoever holds it
+    is the only live builder of that folder, so a torch lock file it finds is stale and is removed."""
+    os.makedirs(build_dir, exist_ok=True)
+    with open(os.path.join(build_dir, "frugal.lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # waits for a live builder in another process; released on exit
+        try:
+            stale = os.path.join(build_dir, "lock")
+            if os.path.exists(stale):
+                logger.warning("removing %s: left by a build that did not finish (its process exited)", stale)
+                os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 class LazyExtension:
     """A torch C++ extension built on first use; `get()` returns the module, or None when FRUGAL_CPU_KERNELS=0
     or the build failed (logged once, then callers take their fallback path). After a failed build `error`
@@ -126,6 +162,10 @@ class LazyExtension:
         self._module = None
         self._tried = False
 
+    def build_directory(self) -> str:
+        """This host's build folder for the extension (one per target feature set: `build_name`)."""
+        return os.path.join(build_root(), build_name(self.name, target_cflags(self.cflags)))
+
     def get(self):
         if self._module is not None or self._tried:
             return self._module
@@ -138,8 +178,11 @@ class LazyExtension:
 
                     logger.info("loading %s (compiled on first use on this machine, about a minute)", self.name)
                     cflags = target_cflags(self.cflags)
-                    self._module = load(name=build_name(self.name, cflags), sources=self.sources,
-                                        extra_cflags=cflags, extra_ldflags=self.ldflags, verbose=False)
+                    build_dir = self.build_directory()
+                    with build_lock(build_dir):
+                        self._module = load(name=os.path.basename(build_dir), sources=self.sources,
+                                            extra_cflags=cflags, extra_ldflags=self.ldflags,
+                                            build_directory=build_dir, verbose=False)
                 except Exception as e:  # no compiler, no ninja, a compile error, read-only cache...
                     self.error = _build_error(e)
                     logger.warning("CPU extension %s did not build, using the slower fallback (%s): %s",
@@ -176,8 +219,8 @@ def prebuild_cpu_extensions() -> list[threading.Thread]:
     builds overlap the checkpoint's parsing, and a layer that asks for its kernel meanwhile waits on that
     extension's lock instead of compiling it a second time. Returns the build threads.
 
-    NOTE: not daemon threads: a process that exits mid-build would leave torch's lock file in the build folder,
-    and every later load of that extension would wait on it; exiting waits for the compiler instead."""
+    NOTE: not daemon threads: a process that exits mid-build throws the half-done build away (the next start
+    removes the lock file it leaves: `build_lock`) and compiles again; exiting waits for the compiler instead."""
     if os.environ.get("FRUGAL_CPU_KERNELS", "1") == "0":
         return []
     from kernels import w4a8_cpu, weight_quant_cpu  # they import this module: imported here, not at the top

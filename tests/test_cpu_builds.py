@@ -1,6 +1,10 @@
 """The CPU extensions build wherever a compiler is, each CPU feature set gets a build of its own, and a failed
 build says why."""
+import fcntl
 import logging
+import os
+import threading
+import time
 
 import pytest
 
@@ -108,6 +112,52 @@ def test_failed_build_is_a_warning_with_the_compiler_error(tmp_path, monkeypatch
     assert broken.error in record.message
     with pytest.raises(pytest.fail.Exception, match="frugal_broken did not build: Error building"):
         require(broken)
+
+
+def _get_in_background(extension: LazyExtension) -> threading.Thread:
+    thread = threading.Thread(target=extension.get, daemon=True)  # daemon: a hang fails the test, not the run
+    thread.start()
+    return thread
+
+
+@needs_compiler
+def test_a_build_cut_short_does_not_block_later_starts(tmp_path, monkeypatch, caplog):
+    """torch's lock file, left by a builder that was killed, is removed instead of waited on for ever."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "broken.cpp"
+    source.write_text("int answer() { return undeclared_name; }\n")  # fails fast: no torch headers to parse
+    broken = LazyExtension("frugal_cut_short", [str(source)], ["-O1", "-march=x86-64"])
+    build_dir = broken.build_directory()
+    assert build_dir.startswith(str(tmp_path / "cache"))
+    os.makedirs(build_dir)
+    open(os.path.join(build_dir, "lock"), "w").close()  # what a killed build leaves behind
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu_ops"):
+        thread = _get_in_background(broken)
+        thread.join(timeout=120)
+    assert not thread.is_alive(), "the load waited on a stale lock file"
+    assert "undeclared_name" in broken.error  # it went on to build (and failed on the source, as it must)
+    assert any("did not finish" in r.message for r in caplog.records)
+    assert not os.path.exists(os.path.join(build_dir, "lock"))
+
+
+@needs_compiler
+def test_a_live_build_in_another_process_is_waited_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "broken.cpp"
+    source.write_text("int answer() { return undeclared_name; }\n")
+    broken = LazyExtension("frugal_live_build", [str(source)], ["-O1", "-march=x86-64"])
+    build_dir = broken.build_directory()
+    os.makedirs(build_dir)
+    with open(os.path.join(build_dir, "frugal.lock"), "a") as held:  # another builder, alive
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        open(os.path.join(build_dir, "lock"), "w").close()  # its torch lock: not stale, must stay
+        thread = _get_in_background(broken)
+        time.sleep(1.0)
+        assert thread.is_alive() and broken.error is None  # waiting, not building beside it
+        assert os.path.exists(os.path.join(build_dir, "lock"))
+        os.remove(os.path.join(build_dir, "lock"))  # the builder finishes
+    thread.join(timeout=120)
+    assert not thread.is_alive() and "undeclared_name" in broken.error
 
 
 def test_disabled_kernels_are_not_an_error(monkeypatch):
