@@ -80,7 +80,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, not q's strides (a qkv view)
     num_decodes = meta.num_decode_tokens
     if num_decodes and softcap is None and _use_cpu_kernel(q, k_cache) and \
             (sliding_window is None or int(meta.decode_context_lens.max()) <= sliding_window):

@@ -40,6 +40,14 @@ def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
         q.put_nowait(item)
 
 
+def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> None:
+    """Puts `items` on their queues from the engine thread, in one wake-up of their consumers' loop."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the consumers' loop is closed
+        pass
+
+
 class EngineDeadError(RuntimeError):
     """The engine has stopped or was declared dead; no request can be served."""
 
@@ -222,10 +230,7 @@ class AsyncLLM:
 
     @staticmethod
     def _put(stream: _Stream, item: RequestOutput | BaseException) -> None:
-        try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        except RuntimeError:  # the consumer's loop is closed
-            pass
+        _post(stream.loop, [(stream.queue, item)])
 
     @staticmethod
     def _call(callback: OnDone, done: EngineDone) -> None:
@@ -261,10 +266,7 @@ class AsyncLLM:
             if stream is not None:
                 batches.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, items in batches.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the consumers' loop is closed
-                pass
+            _post(loop, items)
 
     def _run_commands(self) -> None:
         while True:

@@ -99,10 +99,14 @@ class QuantLinear(nn.Module):
         self.lanes: W4A8Weight | None = None  # its block-lane view: "w4a8"
         self.packed = None  # fbgemm's prepacked int8 weight
         self.int4pack: tuple[torch.Tensor, torch.Tensor] | None = None  # torch int4 layout, [K/G, N, 2] bf16
-        getattr(self, f"_prepare_{self.path}")(qw.to(device))
-        self._mm = getattr(self, f"_mm_{self.path}")  # the path's matmul, looked up once
+        self._prepare(qw.to(device))
 
     # -- preparation (once, at load) --------------------------------------------------------------------
+    def _prepare(self, qw: QuantizedWeight) -> None:
+        """Builds `self.path`'s view of the weight and looks up that path's matmul once, for every forward."""
+        getattr(self, f"_prepare_{self.path}")(qw)
+        self._mm = getattr(self, f"_mm_{self.path}")
+
     def _prepare_dequant(self, qw: QuantizedWeight) -> None:
         self.qw = qw
 
@@ -141,8 +145,7 @@ class QuantLinear(nn.Module):
         qw = self.select_rows(torch.arange(self.out_features, device=self.device))
         self.qw = self.panels = self.lanes = self.packed = self.int4pack = None
         self.path = choose_path(qw, self.device, cpu_path)
-        getattr(self, f"_prepare_{self.path}")(qw)
-        self._mm = getattr(self, f"_mm_{self.path}")
+        self._prepare(qw)
 
     # -- forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
